@@ -1,0 +1,24 @@
+"""The ``mqttinfer`` command line (typer). Sub-commands live next to the code they drive."""
+
+from __future__ import annotations
+
+import typer
+
+from mqttinfer import __version__
+
+app = typer.Typer(
+    name="mqttinfer",
+    help="Failure-resilient distributed CNN inference over MQTT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the mqttinfer version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
