@@ -30,8 +30,14 @@ class ConfigError(MqttInferError):
     ``source`` is the file (or option) and ``field`` the offending key, when known.
     """
 
-    def __init__(self, message: str, *, source: str | None = None, field: str | None = None,
-                 fix: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        field: str | None = None,
+        fix: str | None = None,
+    ) -> None:
         self.source = source
         self.field = field
         self.fix = fix
@@ -74,7 +80,9 @@ class ProtocolError(MqttInferError):
 class PlanningError(MqttInferError):
     """No plan satisfies the constraints; the message names the constraint and the devices."""
 
-    def __init__(self, message: str, *, constraint: str = "", devices: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, message: str, *, constraint: str = "", devices: tuple[str, ...] = ()
+    ) -> None:
         self.constraint = constraint
         self.devices = devices
         super().__init__(message)
@@ -88,7 +96,7 @@ class InferenceError(MqttInferError):
     """onnxruntime could not load or run a model."""
 
 
-class InferTimeout(MqttInferError, TimeoutError):
+class InferTimeoutError(MqttInferError, TimeoutError):
     """No result arrived for a frame before the caller's timeout."""
 
     def __init__(self, frame_id: str, timeout_s: float) -> None:

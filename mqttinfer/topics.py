@@ -109,7 +109,7 @@ class Topics:
         head = f"{self.prefix}/{kind}/"
         if not topic.startswith(head):
             raise ProtocolError(f"topic {topic!r} is not under {head}", kind=kind)
-        rest = topic[len(head):]
+        rest = topic[len(head) :]
         if not is_valid_id(rest):
             raise ProtocolError(f"topic {topic!r} ends in an invalid id", kind=kind)
         return rest

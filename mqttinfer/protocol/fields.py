@@ -20,14 +20,16 @@ def require_map(obj: Any, kind: str) -> dict[str, Any]:
     return obj
 
 
-def check_header(obj: dict[str, Any], kind: str) -> None:
+def check_header(obj: dict[str, Any], kind: str | None) -> None:
+    """Check the version (and the ``type`` field, when ``kind`` is given)."""
     version = obj.get("v")
     if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        speaks = sorted(SUPPORTED_VERSIONS)
         raise ProtocolError(
-            f"unsupported version {str(version)[:20]!r}; this node speaks {sorted(SUPPORTED_VERSIONS)}",
-            kind=kind,
+            f"unsupported version {str(version)[:20]!r}; this node speaks {speaks}",
+            kind=kind or "message",
         )
-    if obj.get("type") != kind:
+    if kind is not None and obj.get("type") != kind:
         raise ProtocolError(f"type is {str(obj.get('type'))[:20]!r}, expected {kind!r}", kind=kind)
 
 
@@ -51,8 +53,15 @@ def frame_id(obj: dict[str, Any], key: str, kind: str, limits: Limits) -> str:
     return value
 
 
-def number(obj: dict[str, Any], key: str, kind: str, *, minimum: float = 0.0,
-           maximum: float = math.inf, default: float | None = None) -> float:
+def number(
+    obj: dict[str, Any],
+    key: str,
+    kind: str,
+    *,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+    default: float | None = None,
+) -> float:
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"'{key}' must be a number", kind=kind)
@@ -62,8 +71,15 @@ def number(obj: dict[str, Any], key: str, kind: str, *, minimum: float = 0.0,
     return number_
 
 
-def integer(obj: dict[str, Any], key: str, kind: str, *, minimum: int = 0,
-            maximum: int = 2**53, default: int | None = None) -> int:
+def integer(
+    obj: dict[str, Any],
+    key: str,
+    kind: str,
+    *,
+    minimum: int = 0,
+    maximum: int = 2**53,
+    default: int | None = None,
+) -> int:
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"'{key}' must be an integer", kind=kind)
@@ -72,8 +88,9 @@ def integer(obj: dict[str, Any], key: str, kind: str, *, minimum: int = 0,
     return value
 
 
-def optional_integer(obj: dict[str, Any], key: str, kind: str, *, minimum: int = 0,
-                     maximum: int = 2**53) -> int | None:
+def optional_integer(
+    obj: dict[str, Any], key: str, kind: str, *, minimum: int = 0, maximum: int = 2**53
+) -> int | None:
     if obj.get(key) is None:
         return None
     return integer(obj, key, kind, minimum=minimum, maximum=maximum)
@@ -86,23 +103,30 @@ def boolean(obj: dict[str, Any], key: str, kind: str, *, default: bool | None = 
     return value
 
 
-def text(obj: dict[str, Any], key: str, kind: str, *, max_length: int = 256,
-         default: str | None = None) -> str:
+def text(
+    obj: dict[str, Any], key: str, kind: str, *, max_length: int = 256, default: str | None = None
+) -> str:
     value = obj.get(key, default)
     if not isinstance(value, str) or len(value) > max_length:
-        raise ProtocolError(f"'{key}' must be a string of at most {max_length} characters",
-                            kind=kind)
+        raise ProtocolError(
+            f"'{key}' must be a string of at most {max_length} characters", kind=kind
+        )
     return value
 
 
 def int_list(obj: dict[str, Any], key: str, kind: str, limits: Limits) -> tuple[int, ...]:
     value = obj.get(key, [])
     if not isinstance(value, list) or len(value) > limits.max_list_items:
-        raise ProtocolError(f"'{key}' must be a list of at most {limits.max_list_items} integers",
-                            kind=kind)
+        raise ProtocolError(
+            f"'{key}' must be a list of at most {limits.max_list_items} integers", kind=kind
+        )
     out = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < limits.max_partitions:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, int)
+            or not 0 <= item < limits.max_partitions
+        ):
             raise ProtocolError(f"'{key}' must hold partition numbers", kind=kind)
         out.append(item)
     return tuple(out)

@@ -23,8 +23,11 @@ RESULT_REASONS = frozenset({"complete", "deadline", "dead", "evicted"})
 LATENCY_KEYS = ("e2e_ms", "queue_ms", "compute_ms", "fc_ms", "transport_ms")
 
 
-def unpack(payload: bytes, kind: str, limits: Limits) -> dict[str, Any]:
-    """msgpack-decode ``payload`` into a checked map, or raise ProtocolError."""
+def unpack(payload: bytes, kind: str, limits: Limits, *, typed: bool = True) -> dict[str, Any]:
+    """msgpack-decode ``payload`` into a checked map, or raise ProtocolError.
+
+    ``typed`` envelopes carry ``"type": kind``; the compact partial is typed by its topic.
+    """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("payload must be bytes", kind=kind)
     if len(payload) > limits.max_payload_bytes:
@@ -32,14 +35,13 @@ def unpack(payload: bytes, kind: str, limits: Limits) -> dict[str, Any]:
             f"payload is {len(payload)} bytes, limit {limits.max_payload_bytes}", kind=kind
         )
     try:
-        obj = msgpack.unpackb(
-            bytes(payload), raw=False, strict_map_key=True, use_list=True,
-            max_buffer_size=limits.max_payload_bytes,
-        )
+        # unpackb bounds every container by the payload length, so the size check above
+        # also bounds what decoding can allocate.
+        obj = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"not msgpack ({type(exc).__name__})", kind=kind) from exc
     mapping = f.require_map(obj, kind)
-    f.check_header(mapping, kind)
+    f.check_header(mapping, kind if typed else None)
     return mapping
 
 
@@ -62,10 +64,17 @@ class Frame:
 
     def encode(self, *, compress: Compression = "auto") -> bytes:
         body: dict[str, Any] = {
-            "v": PROTOCOL_VERSION, "type": self.KIND, "id": self.id, "src": self.source,
-            "ts": float(self.ts), "deadline_ms": int(self.deadline_ms),
-            "tensor": encode_tensor(self.tensor, compress=compress,
-                                    dtype=None if self.tensor.dtype == np.uint8 else "float16"),
+            "v": PROTOCOL_VERSION,
+            "type": self.KIND,
+            "id": self.id,
+            "src": self.source,
+            "ts": float(self.ts),
+            "deadline_ms": int(self.deadline_ms),
+            "tensor": encode_tensor(
+                self.tensor,
+                compress=compress,
+                dtype=None if self.tensor.dtype == np.uint8 else "f16",
+            ),
         }
         if self.label is not None:
             body["label"] = int(self.label)
@@ -78,8 +87,14 @@ class Frame:
             id=f.frame_id(obj, "id", cls.KIND, limits),
             source=f.node_id(obj, "src", cls.KIND),
             ts=f.number(obj, "ts", cls.KIND),
-            deadline_ms=f.integer(obj, "deadline_ms", cls.KIND, minimum=1,
-                                  maximum=limits.max_deadline_ms, default=DEFAULT_DEADLINE_MS),
+            deadline_ms=f.integer(
+                obj,
+                "deadline_ms",
+                cls.KIND,
+                minimum=1,
+                maximum=limits.max_deadline_ms,
+                default=DEFAULT_DEADLINE_MS,
+            ),
             label=f.optional_integer(obj, "label", cls.KIND, maximum=1_000_000),
             tensor=decode_tensor(obj.get("tensor"), kind=cls.KIND, limits=limits),
         )
@@ -87,52 +102,53 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Partial:
-    """One device's features for one frame: the pooled output of its student, fp16 by default."""
+    """One device's pooled student features for one frame.
+
+    This is the message every device sends per frame over a possibly slow radio link, so it is
+    compact: single-letter keys, float32 numbers, and no fields the topic already carries
+    (``partials/<partition>/<device>`` gives ``partition`` and ``device``). With a frame id of
+    up to 15 characters the envelope costs at most 64 bytes beyond the fp16 features.
+    """
 
     KIND: ClassVar[str] = "partial"
     frame: str
-    source: str
     partition: int
     device: str
-    group: str
     features: npt.NDArray[Any]
-    frame_ts: float
-    deadline_ms: int
     compute_ms: float
     queue_ms: float
-    ts: float
     plan_version: int = 0
 
     def encode(self, *, int8: bool = False, compress: Compression = "auto") -> bytes:
-        return pack({
-            "v": PROTOCOL_VERSION, "type": self.KIND, "frame": self.frame, "src": self.source,
-            "partition": int(self.partition), "device": self.device, "group": self.group,
-            "features": encode_tensor(self.features, int8=int8, compress=compress),
-            "frame_ts": float(self.frame_ts), "deadline_ms": int(self.deadline_ms),
-            "compute_ms": float(self.compute_ms), "queue_ms": float(self.queue_ms),
-            "ts": float(self.ts), "plan_version": int(self.plan_version),
-        })
+        body: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "f": self.frame,
+            "c": float(self.compute_ms),
+            "q": float(self.queue_ms),
+            "x": encode_tensor(self.features, int8=int8, compress=compress),
+        }
+        if self.plan_version:
+            body["p"] = int(self.plan_version)
+        packed: bytes = msgpack.packb(body, use_bin_type=True, use_single_float=True)
+        return packed
 
     @classmethod
-    def decode(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Partial:
-        obj = unpack(payload, cls.KIND, limits)
-        features = decode_tensor(obj.get("features"), kind=cls.KIND, limits=limits, rank=1)
+    def decode(
+        cls, payload: bytes, *, partition: int, device: str, limits: Limits = DEFAULT_LIMITS
+    ) -> Partial:
+        """Decode a partial received on ``partials/<partition>/<device>``."""
+        obj = unpack(payload, cls.KIND, limits, typed=False)
+        features = decode_tensor(obj.get("x"), kind=cls.KIND, limits=limits, rank=1)
         if features.dtype == np.uint8:
-            raise ProtocolError("features must be float16, float32 or scaled int8", kind=cls.KIND)
+            raise ProtocolError("features must be f16, f32 or scaled i8", kind=cls.KIND)
         return cls(
-            frame=f.frame_id(obj, "frame", cls.KIND, limits),
-            source=f.node_id(obj, "src", cls.KIND),
-            partition=f.integer(obj, "partition", cls.KIND, maximum=limits.max_partitions - 1),
-            device=f.node_id(obj, "device", cls.KIND),
-            group=f.node_id(obj, "group", cls.KIND),
+            frame=f.frame_id(obj, "f", cls.KIND, limits),
+            partition=partition,
+            device=device,
             features=features,
-            frame_ts=f.number(obj, "frame_ts", cls.KIND),
-            deadline_ms=f.integer(obj, "deadline_ms", cls.KIND, minimum=1,
-                                  maximum=limits.max_deadline_ms),
-            compute_ms=f.number(obj, "compute_ms", cls.KIND, maximum=1e7),
-            queue_ms=f.number(obj, "queue_ms", cls.KIND, maximum=1e7),
-            ts=f.number(obj, "ts", cls.KIND),
-            plan_version=f.integer(obj, "plan_version", cls.KIND, default=0),
+            compute_ms=f.number(obj, "c", cls.KIND, maximum=1e7),
+            queue_ms=f.number(obj, "q", cls.KIND, maximum=1e7),
+            plan_version=f.integer(obj, "p", cls.KIND, default=0),
         )
 
 
@@ -162,10 +178,17 @@ class Result:
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
-            "v": PROTOCOL_VERSION, "type": self.KIND, "frame": self.frame, "src": self.source,
-            "logits": encode_tensor(self.logits, dtype="float32", compress="never"),
-            "label": int(self.label), "score": float(self.score), "degraded": bool(self.degraded),
-            "missing": [int(p) for p in self.missing], "reason": self.reason, "ts": float(self.ts),
+            "v": PROTOCOL_VERSION,
+            "type": self.KIND,
+            "frame": self.frame,
+            "src": self.source,
+            "logits": encode_tensor(self.logits, dtype="f32", compress="never"),
+            "label": int(self.label),
+            "score": float(self.score),
+            "degraded": bool(self.degraded),
+            "missing": [int(p) for p in self.missing],
+            "reason": self.reason,
+            "ts": float(self.ts),
             "latency": {k: float(v) for k, v in self.latency.items()},
             "contributors": dict(self.contributors),
         }
@@ -178,8 +201,9 @@ class Result:
         obj = unpack(payload, cls.KIND, limits)
         reason = f.text(obj, "reason", cls.KIND, max_length=16)
         if reason not in RESULT_REASONS:
-            raise ProtocolError(f"reason {reason!r} is not one of {sorted(RESULT_REASONS)}",
-                                kind=cls.KIND)
+            raise ProtocolError(
+                f"reason {reason!r} is not one of {sorted(RESULT_REASONS)}", kind=cls.KIND
+            )
         contributors = obj.get("contributors", {})
         if not isinstance(contributors, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in contributors.items()

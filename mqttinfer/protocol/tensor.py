@@ -1,6 +1,7 @@
 """Tensor codec: numpy arrays as ``{dtype, shape, data}`` maps inside msgpack envelopes.
 
-- ``dtype`` is one of ``uint8``, ``int8``, ``float16``, ``float32`` (little-endian).
+- ``dtype`` is one of ``u8``, ``i8``, ``f16``, ``f32`` (little-endian; short because a
+  partial's whole envelope must stay within 64 bytes of its feature bytes).
 - ``data`` is the raw C-order bytes, optionally lz4-block compressed (``"enc": "lz4"``),
   which is used only when it makes the bytes smaller.
 - ``"scale"`` marks an int8 tensor quantised from floats: value = int8 * scale.
@@ -22,12 +23,12 @@ from mqttinfer.errors import ProtocolError
 from mqttinfer.protocol.limits import DEFAULT_LIMITS, Limits
 
 DTYPES: dict[str, np.dtype[Any]] = {
-    "uint8": np.dtype("<u1"),
-    "int8": np.dtype("<i1"),
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
+    "u8": np.dtype("<u1"),
+    "i8": np.dtype("<i1"),
+    "f16": np.dtype("<f2"),
+    "f32": np.dtype("<f4"),
 }
-_FLOAT_DTYPES = frozenset({"float16", "float32"})
+_FLOAT_DTYPES = frozenset({"f16", "f32"})
 _ALLOWED_KEYS = frozenset({"dtype", "shape", "data", "enc", "scale"})
 # lz4 rarely pays below this many bytes; trying costs more than it saves.
 _MIN_COMPRESS_BYTES = 64
@@ -52,7 +53,7 @@ def encode_tensor(
     scale: float | None = None
     if int8:
         arr, scale = _quantize_int8(arr.astype(np.float32))
-        name = "int8"
+        name = "i8"
     else:
         name = dtype or _default_dtype_name(arr)
         if name not in DTYPES:
@@ -85,8 +86,9 @@ def decode_tensor(
         raise ProtocolError(f"tensor has unknown keys {sorted(map(str, unknown))[:5]}", kind=kind)
     name = obj.get("dtype")
     if name not in DTYPES:
-        raise ProtocolError(f"tensor dtype {str(name)[:20]!r} is not one of {sorted(DTYPES)}",
-                            kind=kind)
+        raise ProtocolError(
+            f"tensor dtype {str(name)[:20]!r} is not one of {sorted(DTYPES)}", kind=kind
+        )
     shape = _checked_shape(obj.get("shape"), kind, limits, rank)
     dtype = DTYPES[name]
     count = math.prod(shape)
@@ -102,13 +104,11 @@ def decode_tensor(
 
 def _default_dtype_name(arr: npt.NDArray[Any]) -> str:
     if arr.dtype == np.uint8:
-        return "uint8"
+        return "u8"
     if arr.dtype == np.int8:
-        return "int8"
-    if arr.dtype == np.float32 and arr.dtype.byteorder in "<=|":
-        # float32 is kept only when asked for explicitly; features travel as fp16.
-        return "float16"
-    return "float16"
+        return "i8"
+    # Floats travel as fp16 unless f32 is asked for explicitly.
+    return "f16"
 
 
 def _quantize_int8(arr: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int8], float]:
@@ -146,8 +146,9 @@ def _checked_bytes(obj: dict[str, Any], expected: int, kind: str) -> bytes:
     enc = obj.get("enc")
     if enc is None:
         if len(data) != expected:
-            raise ProtocolError(f"tensor data is {len(data)} bytes, shape implies {expected}",
-                                kind=kind)
+            raise ProtocolError(
+                f"tensor data is {len(data)} bytes, shape implies {expected}", kind=kind
+            )
         return data
     if enc != "lz4":
         raise ProtocolError(f"tensor encoding {str(enc)[:20]!r} is not 'lz4'", kind=kind)
@@ -159,13 +160,14 @@ def _checked_bytes(obj: dict[str, Any], expected: int, kind: str) -> bytes:
     except Exception as exc:  # lz4 raises LZ4BlockError (a bare Exception subclass)
         raise ProtocolError(f"tensor lz4 data is corrupt ({exc})", kind=kind) from exc
     if len(raw) != expected:
-        raise ProtocolError(f"tensor decompresses to {len(raw)} bytes, shape implies {expected}",
-                            kind=kind)
+        raise ProtocolError(
+            f"tensor decompresses to {len(raw)} bytes, shape implies {expected}", kind=kind
+        )
     return raw
 
 
 def _dequantize(arr: npt.NDArray[Any], scale: Any, name: str, kind: str) -> npt.NDArray[np.float32]:
-    if name != "int8":
+    if name != "i8":
         raise ProtocolError("only int8 tensors may carry a scale", kind=kind)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ProtocolError("tensor scale must be a number", kind=kind)

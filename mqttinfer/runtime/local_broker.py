@@ -1,0 +1,164 @@
+"""Start a private Mosquitto on a free loopback port (demo, benchmarks and tests).
+
+The broker runs as a child process with a generated config in a temporary directory; it can be
+killed and restarted on the same port to exercise reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from mqttinfer.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+_SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+# Large enough for student models sent whole; plan apply chunks anything bigger.
+DEFAULT_MAX_PACKET = 16 * 1024 * 1024
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None when it is not installed."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in _SEARCH_PATHS if os.access(p, os.X_OK)), None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class LocalBroker:
+    """A Mosquitto child process listening on ``127.0.0.1:<port>``.
+
+    Use as a context manager, or call ``start()`` / ``stop()``. ``kill()`` sends SIGKILL (a crash);
+    ``start()`` again reuses the same port so clients can reconnect.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        max_packet_size: int = DEFAULT_MAX_PACKET,
+        extra_config: str = "",
+        binary: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.max_packet_size = max_packet_size
+        self._extra = extra_config
+        self._binary = binary or find_mosquitto()
+        self._dir = Path(tempfile.mkdtemp(prefix="mqttinfer-broker-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "mosquitto.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def config_text(self) -> str:
+        return (
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            f"max_packet_size {self.max_packet_size}\n"
+            "max_queued_messages 10000\n"
+            "persistence false\n"
+            f"log_dest file {self.log_path}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            f"{self._extra}\n"
+        )
+
+    def start(self, timeout_s: float = 10.0) -> LocalBroker:
+        if self._binary is None:
+            raise BrokerError(
+                "mosquitto is not installed; run scripts/setup.sh (installs the Debian package "
+                "'mosquitto') or pass --broker URL of a running broker"
+            )
+        if self.running:
+            return self
+        conf = self._dir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        self._proc = subprocess.Popen(
+            [self._binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        if not wait_for_port(self.host, self.port, timeout_s):
+            err = self._stderr_tail()
+            self.stop()
+            raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port}: {err}")
+        log.debug("mosquitto pid %s on %s", self._proc.pid, self.url)
+        return self
+
+    def _stderr_tail(self) -> str:
+        if self._proc is None or self._proc.poll() is None or self._proc.stderr is None:
+            return "(still starting)"
+        return self._proc.stderr.read().decode(errors="replace")[-500:]
+
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash: no clean disconnects, wills fire on restart only)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
