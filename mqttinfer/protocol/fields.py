@@ -23,7 +23,12 @@ def require_map(obj: Any, kind: str) -> dict[str, Any]:
 def check_header(obj: dict[str, Any], kind: str | None) -> None:
     """Check the version (and the ``type`` field, when ``kind`` is given)."""
     version = obj.get("v")
-    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+    # isinstance first: a list or map as version must not reach the (hashing) set lookup.
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or version not in SUPPORTED_VERSIONS
+    ):
         speaks = sorted(SUPPORTED_VERSIONS)
         raise ProtocolError(
             f"unsupported version {str(version)[:20]!r}; this node speaks {speaks}",
@@ -65,7 +70,10 @@ def number(
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"'{key}' must be a number", kind=kind)
-    number_ = float(value)
+    try:
+        number_ = float(value)
+    except OverflowError as exc:  # a JSON integer with hundreds of digits
+        raise ProtocolError(f"'{key}' is out of range", kind=kind) from exc
     if not math.isfinite(number_) or not minimum <= number_ <= maximum:
         raise ProtocolError(f"'{key}' must be a finite number in [{minimum}, {maximum}]", kind=kind)
     return number_
@@ -137,10 +145,8 @@ def float_map(obj: dict[str, Any], key: str, kind: str, limits: Limits) -> dict[
     if not isinstance(value, dict) or len(value) > limits.max_list_items:
         raise ProtocolError(f"'{key}' must be a map of names to numbers", kind=kind)
     out: dict[str, float] = {}
-    for name, item in value.items():
+    for name in value:
         if not isinstance(name, str) or len(name) > 64:
             raise ProtocolError(f"'{key}' keys must be short strings", kind=kind)
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-            raise ProtocolError(f"'{key}.{name}' must be a finite number", kind=kind)
-        out[name] = float(item)
+        out[name] = number(value, name, kind, minimum=-math.inf)
     return out

@@ -107,7 +107,8 @@ class Partial:
     This is the message every device sends per frame over a possibly slow radio link, so it is
     compact: single-letter keys, float32 numbers, and no fields the topic already carries
     (``partials/<partition>/<device>`` gives ``partition`` and ``device``). With a frame id of
-    up to 15 characters the envelope costs at most 64 bytes beyond the fp16 features.
+    up to 15 characters the envelope costs at most 64 bytes beyond the fp16 features for up to
+    127 features and no plan version, and at most 74 bytes for up to 32,767 features.
     """
 
     KIND: ClassVar[str] = "partial"

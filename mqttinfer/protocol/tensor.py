@@ -85,7 +85,7 @@ def decode_tensor(
     if unknown:
         raise ProtocolError(f"tensor has unknown keys {sorted(map(str, unknown))[:5]}", kind=kind)
     name = obj.get("dtype")
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:  # str first: a list is unhashable
         raise ProtocolError(
             f"tensor dtype {str(name)[:20]!r} is not one of {sorted(DTYPES)}", kind=kind
         )
