@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -13,7 +12,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,38 +22,9 @@ from mqttinfer.protocol import RoleSummary, Status
 from mqttinfer.runtime.bus import BrokerConfig, Bus, Message, packet_size
 from mqttinfer.runtime.local_broker import LocalBroker, free_port
 from mqttinfer.topics import Topics
+from tests.busutil import Inbox, make_bus, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.broker
-
-
-class Inbox:
-    """Collects messages from a handler; ``wait`` polls a predicate over what arrived."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, message: Message) -> None:
-        with self._lock:
-            self.messages.append(message)
-
-    def statuses(self, node: str) -> list[Status]:
-        with self._lock:
-            found = [Status.decode(m.payload) for m in self.messages if m.payload]
-        return [s for s in found if s.node == node]
-
-    def wait(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
-
-
-def make_bus(url: str, deployment: str, node: str, kind: str = "device", **cfg: object) -> Bus:
-    return Bus(BrokerConfig.from_url(url, **cfg), node=node, kind=kind, topics=Topics(deployment))
 
 
 @pytest.fixture
@@ -127,7 +97,7 @@ def test_a_sigkilled_client_leaves_its_will(
     broker: LocalBroker, deployment: str, monitor: tuple[Bus, Inbox]
 ) -> None:
     _, inbox = monitor
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", VICTIM, broker.url, deployment],
         stdout=subprocess.PIPE,

@@ -1,0 +1,159 @@
+"""``mqttinfer device run`` and ``mqttinfer source``: the device agent and the camera-side CLI.
+
+``device_app`` (a typer group with ``run``) and ``source`` (a command function) are mounted by
+``mqttinfer/cli.py``; ``python -m mqttinfer.runtime.cli device run ...`` works on its own too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from mqttinfer.bundle import demo_bundle_path
+from mqttinfer.errors import ConfigError, MqttInferError
+from mqttinfer.runtime.bus import BrokerConfig, Bus
+from mqttinfer.runtime.device import Device, DeviceSettings
+from mqttinfer.runtime.roles import (
+    RoleProvider,
+    StaticRoleProvider,
+    role_from_bundle,
+    role_from_file,
+)
+from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
+
+log = logging.getLogger(__name__)
+
+BROKER_HELP = (
+    "Broker URL: mqtt:// or mqtts://[user[:pass]@]host[:port][?ca=F&cert=F&key=F&keepalive=S]."
+)
+
+device_app = typer.Typer(
+    name="device",
+    help="Run a device agent (serves one student of a bundle or plan).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@device_app.callback()
+def _device_group() -> None:
+    """Run a device agent (serves one student of a bundle or plan)."""
+
+
+@device_app.command("run")
+def device_run(
+    *,
+    node_id: Annotated[str, typer.Option("--id", help="This device's id (a topic level).")],
+    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
+        DEFAULT_DEPLOYMENT
+    ),
+    role: Annotated[
+        Path | None, typer.Option(help="Role file (JSON/YAML); model.file is relative to it.")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Bundle directory to serve --partition of (default: the demo bundle)."),
+    ] = None,
+    partition: Annotated[int | None, typer.Option(help="Partition of --bundle to serve.")] = None,
+    group: Annotated[str | None, typer.Option(help="Group id (default: g<partition>).")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.")] = 1,
+    queue_size: Annotated[int, typer.Option(help="Frames waiting at most (oldest dropped).")] = 16,
+    stats_interval: Annotated[float, typer.Option(help="Seconds between stats messages.")] = 2.0,
+    slowdown: Annotated[
+        float,
+        typer.Option(help="EMULATION: sleep (F-1) x compute after each inference (F >= 1)."),
+    ] = 1.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Serve frames until SIGTERM/SIGINT, then announce offline (clean) and exit 0."""
+    setup_logging(log_level)
+    try:
+        check_id(node_id, "--id")
+        settings = DeviceSettings(
+            node=node_id,
+            deployment=deployment,
+            threads=threads,
+            queue_size=queue_size,
+            stats_interval_s=stats_interval,
+            slowdown=slowdown,
+        )
+        provider = _role_provider(settings, role, bundle, partition, group)
+        bus = Bus(
+            BrokerConfig.from_url(broker), node=node_id, kind="device", topics=Topics(deployment)
+        )
+        serve_device(Device(bus, provider, settings))
+    except (MqttInferError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _role_provider(
+    settings: DeviceSettings,
+    role: Path | None,
+    bundle: Path | None,
+    partition: int | None,
+    group: str | None,
+) -> RoleProvider:
+    if role is not None and (bundle is not None or partition is not None):
+        raise ConfigError(
+            "give either --role or --bundle/--partition, not both", field="--role", fix="pick one"
+        )
+    if role is not None:
+        loaded = role_from_file(role, device=settings.node, deployment=settings.deployment)
+        return StaticRoleProvider(loaded)
+    if partition is None:
+        raise ConfigError(
+            "this device has no role",
+            field="--role",
+            fix="pass --role FILE, or --bundle DIR --partition K",
+        )
+    bundle_dir = bundle or demo_bundle_path()
+    loaded = role_from_bundle(
+        bundle_dir,
+        device=settings.node,
+        deployment=settings.deployment,
+        partition=partition,
+        group=check_id(group or f"g{partition}", "--group"),
+    )
+    return StaticRoleProvider(loaded)
+
+
+def serve_device(device: Device) -> None:
+    """Run ``device`` until SIGTERM or SIGINT (installs the handlers; main thread only)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    device.start()
+    if not device.bus.wait_connected(10):
+        log.warning("not connected to %s yet; retrying in the background", device.bus.config.url)
+    while not stop.wait(0.5):
+        pass
+    device.stop()
+
+
+cli = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+cli.add_typer(device_app, name="device")
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,310 @@
+"""The device role: frames in, one partial-feature vector per frame out.
+
+Subscriptions: ``frames/+`` (every source of the deployment). Publications:
+``partials/<partition>/<device>`` (the compact ``Partial`` envelope, fp16 features),
+``stats/<device>`` every few seconds, and the retained ``status/<device>`` (the bus's birth and
+will; the birth carries the role summary, and ``serving`` goes ``idle`` → ``loading`` →
+``ready`` once the student is warmed up).
+
+Threads: paho's network thread only appends frames to a bounded drop-oldest queue (a slow
+device drops its stalest frames, counted as ``dropped_queue``). One worker thread loads roles
+and, per frame: decodes and validates it (a malformed frame is counted as ``rejected`` and
+logged, truncated), skips it when it already waited longer than its deadline
+(``skipped_deadline``), skips a frame id it already answered (``duplicates``: frame ids are
+idempotent, e.g. a QoS 1 redelivery), runs the student and publishes the partial.
+
+``slowdown`` emulates a slower device for experiments on one machine: after each inference
+the worker sleeps ``(slowdown - 1) x compute time``, and the reported ``compute_ms`` includes
+that sleep. It is emulation, not a measurement of real hardware.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mqttinfer.errors import InferenceError, MqttInferError, ProtocolError
+from mqttinfer.protocol import DEFAULT_LIMITS, Frame, Limits, Partial, Role
+from mqttinfer.runtime.bus import Bus, Message
+from mqttinfer.runtime.queues import (
+    Counters,
+    DropOldestQueue,
+    Periodic,
+    RollingQuantiles,
+    build_stats,
+)
+from mqttinfer.runtime.roles import LoadedRole, RoleProvider
+from mqttinfer.runtime.runner import StudentRunner
+from mqttinfer.topics import DEFAULT_DEPLOYMENT
+
+log = logging.getLogger(__name__)
+
+_LOG_PAYLOAD_BYTES = 48
+_POLL_S = 0.1
+STATS_QOS = 0
+COUNTER_NAMES = (
+    "frames",
+    "answered",
+    "rejected",
+    "bad_input",
+    "errors",
+    "skipped_deadline",
+    "dropped_queue",
+    "duplicates",
+    "no_role",
+    "publish_failed",
+    "roles_loaded",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSettings:
+    """Tunables of the device role (the CLI's options)."""
+
+    node: str
+    deployment: str = DEFAULT_DEPLOYMENT
+    threads: int = 1
+    queue_size: int = 16
+    stats_interval_s: float = 2.0
+    slowdown: float = 1.0
+    remember_answered: int = 4096
+    frame_qos: int = 0
+    partial_qos: int = 0
+
+    def __post_init__(self) -> None:
+        if self.slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if self.queue_size < 1 or self.remember_answered < 1 or self.stats_interval_s <= 0:
+            raise ValueError("queue_size, remember_answered and stats_interval_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    role: Role
+    runner: StudentRunner
+
+
+class Device:
+    """One device agent on a started-or-not ``Bus``; ``start()`` / ``stop()`` drive it."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        provider: RoleProvider,
+        settings: DeviceSettings,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.bus = bus
+        self.provider = provider
+        self.settings = settings
+        self.limits = limits
+        self.topics = bus.topics
+        self.counters = Counters(*COUNTER_NAMES)
+        self.compute_ms = RollingQuantiles()
+        self.queue_ms = RollingQuantiles()
+        self._queue: DropOldestQueue[Message] = DropOldestQueue(settings.queue_size)
+        self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._pending: LoadedRole | None = None
+        self._pending_lock = threading.Lock()
+        self._current: _Loaded | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="device-worker", daemon=True)
+        self._stats = Periodic(settings.stats_interval_s, self.publish_stats, name="device-stats")
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def role(self) -> Role | None:
+        current = self._current
+        return None if current is None else current.role
+
+    def start(self) -> None:
+        self.bus.update_status(serving="idle")
+        self.bus.subscribe(self.topics.all_frames, self._on_frame, qos=self.settings.frame_qos)
+        self.provider.start(self.bus, self._on_role, self._on_role_error)
+        self._worker.start()
+        self._stats.start()
+        self.bus.start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """True once a role is loaded and warmed up."""
+        return self._ready.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Stop the worker and the stats, then announce ``offline`` (clean) and disconnect."""
+        self._stopping.set()
+        self.provider.stop()
+        self._queue.close()
+        if self._worker.is_alive():
+            self._worker.join(timeout=10)
+        self._stats.stop()
+        self.bus.update_status(serving="stopped")
+        self.bus.stop()
+
+    # ------------------------------------------------------------------ network thread
+    def _on_frame(self, message: Message) -> None:
+        self.counters.inc("frames")
+        if self._queue.put(message) is not None:
+            self.counters.inc("dropped_queue")
+
+    def _on_role(self, loaded: LoadedRole) -> None:
+        with self._pending_lock:
+            self._pending = loaded
+
+    def _on_role_error(self, error: str) -> None:
+        log.error("role unavailable: %s", error)
+        self.bus.update_status(serving="error", error=error[:500])
+
+    # ------------------------------------------------------------------ worker thread
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            self._load_pending_role()
+            message = self._queue.get(timeout_s=_POLL_S)
+            if message is None:
+                continue
+            try:
+                self._handle(message)
+            except Exception:  # the worker must survive anything a frame can cause
+                self.counters.inc("errors")
+                log.exception("unexpected error on a frame from %s", message.topic)
+
+    def _load_pending_role(self) -> None:
+        with self._pending_lock:
+            loaded, self._pending = self._pending, None
+        if loaded is None:
+            return
+        role = loaded.role
+        self.bus.update_status(role=role.summary(), serving="loading", error=None)
+        try:
+            runner = StudentRunner(
+                loaded.model,
+                role.input,
+                name=f"student for partition {role.partition} ({loaded.origin})",
+                threads=self.settings.threads,
+                pool=role.pool,
+            )
+        except MqttInferError as exc:
+            self._on_role_error(str(exc))
+            return
+        self._current = _Loaded(role, runner)
+        self.counters.inc("roles_loaded")
+        self.bus.update_status(serving="ready", error=None)
+        self._ready.set()
+        log.info(
+            "device %s serves partition %d (group %s, %d features) from %s",
+            self.settings.node,
+            role.partition,
+            role.group,
+            runner.output_dim,
+            loaded.origin,
+        )
+
+    def _handle(self, message: Message) -> None:
+        try:
+            frame = Frame.decode(message.payload, self.limits)
+        except ProtocolError as exc:
+            self._reject("rejected", message, exc)
+            return
+        queue_ms = (time.monotonic() - message.received) * 1000.0
+        current = self._current
+        if current is None:
+            self.counters.inc("no_role")
+            return
+        if queue_ms > frame.deadline_ms:
+            self.counters.inc("skipped_deadline")
+            return
+        key = (frame.source, frame.id)
+        if key in self._answered:
+            self.counters.inc("duplicates")
+            return
+        try:
+            x = current.runner.preprocess(frame.tensor)
+        except InferenceError as exc:
+            self._reject("bad_input", message, exc)
+            return
+        try:
+            features, compute_ms = self._infer(current.runner, x)
+        except InferenceError as exc:
+            self.counters.inc("errors")
+            log.error("inference failed on frame %s: %s", frame.id, exc)
+            return
+        self.queue_ms.add(queue_ms)
+        self.compute_ms.add(compute_ms)
+        partial = Partial(
+            frame=frame.id,
+            partition=current.role.partition,
+            device=self.settings.node,
+            features=features,
+            compute_ms=compute_ms,
+            queue_ms=queue_ms,
+            plan_version=current.role.plan_version,
+        )
+        topic = self.topics.partial(current.role.partition, self.settings.node)
+        if self.bus.publish(topic, partial.encode(), qos=self.settings.partial_qos):
+            self.counters.inc("answered")
+            self._remember(key)
+        else:
+            self.counters.inc("publish_failed")
+
+    def _infer(
+        self, runner: StudentRunner, x: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], float]:
+        """Features and the compute time in ms (including the emulated slowdown)."""
+        start = time.perf_counter()
+        features = runner.run(x)
+        elapsed = time.perf_counter() - start
+        if self.settings.slowdown > 1.0:
+            time.sleep((self.settings.slowdown - 1.0) * elapsed)
+        return features, (time.perf_counter() - start) * 1000.0
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._answered[key] = None
+        if len(self._answered) > self.settings.remember_answered:
+            self._answered.popitem(last=False)
+
+    def _reject(self, counter: str, message: Message, exc: Exception) -> None:
+        self.counters.inc(counter)
+        count = self.counters[counter]
+        # A flood of bad frames must not flood the log: the first ten, then every hundredth.
+        if count <= 10 or count % 100 == 0:
+            log.warning(
+                "%s frame #%d on %s: %s (payload %d bytes: %r...)",
+                counter,
+                count,
+                message.topic,
+                exc,
+                len(message.payload),
+                message.payload[:_LOG_PAYLOAD_BYTES],
+            )
+
+    # ------------------------------------------------------------------ stats
+    def stats_counters(self) -> dict[str, int]:
+        counters = self.counters.snapshot()
+        bus = self.bus.counters
+        counters["publish_failed"] += bus["dropped_too_large"]
+        counters["reconnects"] = bus["reconnects"]
+        return counters
+
+    def publish_stats(self) -> None:
+        current = self._current
+        stats = build_stats(
+            node=self.settings.node,
+            kind="device",
+            interval_s=self.settings.stats_interval_s,
+            counters=self.stats_counters(),
+            gauges={
+                "queue_depth": len(self._queue),
+                "slowdown": self.settings.slowdown,
+                "partition": -1 if current is None else current.role.partition,
+                "warmup_ms": 0.0 if current is None else current.runner.warmup_ms,
+            },
+            latencies={"compute": self.compute_ms, "queue": self.queue_ms},
+        )
+        self.bus.publish(self.topics.stats(self.settings.node), stats.encode(), qos=STATS_QOS)
