@@ -17,6 +17,7 @@ Pure numpy / scipy / networkx: no torch, no I/O.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -149,25 +150,36 @@ def ncut_value(weights: npt.ArrayLike, parts: Sequence[npt.ArrayLike]) -> float:
 
 
 def normalized_cut(
-    weights: npt.ArrayLike, k: int, seed: int = 0, *, balance: bool = False
+    weights: npt.ArrayLike,
+    k: int,
+    seed: int = 0,
+    *,
+    balance: bool = False,
+    sizes: Sequence[int] | None = None,
 ) -> list[IdArray]:
     """Split the filter graph into ``k`` parts minimising the normalized cut.
 
     Spectral relaxation (RoCoIn eq. (4)): the k eigenvectors of the normalized Laplacian
     I − D^-1/2 W D^-1/2 with the smallest eigenvalues, rows scaled to unit length
     (Ng–Jordan–Weiss), then discretised by seeded k-means; of several restarts the one with the
-    lowest Ncut value is kept. With ``balance=True`` the discretisation is instead an optimal
-    assignment of filters to k equal-size slots around the k-means centroids, so part sizes
-    differ by at most one (RoCoIn wants partitions of similar importance; NoNN wants students
-    of similar size).
+    lowest Ncut value is kept.
+
+    Size control: with ``balance=True`` the discretisation is an optimal assignment of filters
+    to k equal-size slots around the k-means centroids, so part sizes differ by at most one
+    (RoCoIn balances partitions; NoNN wants students of similar size). With ``sizes`` (k
+    positive integers summing to C) the parts get exactly those sizes — used for
+    capacity-proportional partitions; the returned list is still ordered by smallest id, so
+    match parts to sizes by ``len``.
 
     Isolated filters (zero degree, e.g. dead filters) carry no information for the cut; they
-    are dealt to the smallest parts afterwards. Returns k non-empty, disjoint, sorted id arrays
-    covering 0..C-1, ordered by smallest id. Deterministic for a given ``seed``.
+    are dealt to the smallest parts (or the parts short of their size) afterwards. Returns k
+    non-empty, disjoint, sorted id arrays covering 0..C-1, ordered by smallest id.
+    Deterministic for a given ``seed``.
     """
     matrix = check_weights(weights)
     n_filters = matrix.shape[0]
     _check_k(k, n_filters)
+    targets = _target_sizes(n_filters, k, balance, sizes)
     if k == 1:
         return [np.arange(n_filters, dtype=np.int64)]
     degrees = matrix.sum(axis=1)
@@ -175,27 +187,84 @@ def normalized_cut(
     isolated = np.flatnonzero(degrees <= 0.0)
     if isolated.size:
         log.debug("normalized_cut: %d isolated filters set aside", isolated.size)
-    if active.size <= k:
-        # Too few connected filters to cut: one each, the isolated ones fill the rest.
-        labels_parts = [np.array([node], dtype=np.int64) for node in active]
-        pool = list(isolated)
-        while len(labels_parts) < k:
-            labels_parts.append(np.array([pool.pop(0)], dtype=np.int64))
-        return _finish(labels_parts, np.array(pool, dtype=np.int64), balance)
+    capacities = None if targets is None else _active_capacities(targets, active.size)
+    if active.size <= k or (capacities is not None and min(capacities) == 0):
+        return _deal_few(active, isolated, k, targets)
     sub = matrix[np.ix_(active, active)]
     embedding = _spectral_embedding(sub, k)
     rng = np.random.default_rng(seed)
     best_parts: list[IdArray] | None = None
     best_value = math.inf
     for _ in range(_KMEANS_RESTARTS):
-        labels = _discretise(embedding, k, rng, balance)
+        labels = _discretise(embedding, k, rng, capacities)
         local_parts = _labels_to_parts(labels, k)
         value = ncut_value(sub, local_parts)
         if value < best_value - 1e-12:
             best_value, best_parts = value, local_parts
     assert best_parts is not None
-    parts = [active[part] for part in best_parts]
-    return _finish(parts, isolated, balance)
+    return _finish([[int(n) for n in active[part]] for part in best_parts], isolated, targets)
+
+
+def _deal_few(
+    active: IdArray, isolated: IdArray, k: int, targets: list[int] | None
+) -> list[IdArray]:
+    """Too few connected filters to cut: deal them out, then top up with isolated ones."""
+    if targets is None:
+        buckets: list[list[int]] = [[] for _ in range(k)]
+        for slot, node in enumerate(active):
+            buckets[slot % k].append(int(node))
+        return _finish(buckets, isolated, None)
+    pool = [int(node) for node in active]
+    order = sorted(range(k), key=lambda i: (-targets[i], i))
+    buckets = [[] for _ in range(k)]
+    for slot in itertools.cycle(order):
+        if not pool:
+            break
+        if len(buckets[slot]) < targets[slot]:
+            buckets[slot].append(pool.pop(0))
+    return _finish(buckets, isolated, targets)
+
+
+def _target_sizes(
+    n_filters: int, k: int, balance: bool, sizes: Sequence[int] | None
+) -> list[int] | None:
+    if sizes is not None:
+        wanted = [int(size) for size in sizes]
+        if len(wanted) != k or sum(wanted) != n_filters or min(wanted) < 1:
+            raise ValueError(
+                f"sizes {wanted} must be {k} positive integers summing to {n_filters} filters"
+            )
+        return wanted
+    if balance:
+        return [n_filters // k + (1 if index < n_filters % k else 0) for index in range(k)]
+    return None
+
+
+def _active_capacities(targets: list[int], n_active: int) -> list[int]:
+    """How many connected filters each part takes so isolated ones can top it up to size."""
+    capacities = proportional_sizes(n_active, targets, minimum=0)
+    return [min(capacity, target) for capacity, target in zip(capacities, targets, strict=True)]
+
+
+def proportional_sizes(total: int, shares: Sequence[float], minimum: int = 1) -> list[int]:
+    """Split ``total`` into integers proportional to ``shares`` (largest remainder method),
+    each at least ``minimum``; raises ValueError when that is impossible."""
+    weights = np.asarray(shares, dtype=np.float64)
+    if weights.ndim != 1 or weights.size == 0 or not np.all(np.isfinite(weights)):
+        raise ValueError(f"shares must be a non-empty list of finite numbers; got {list(shares)}")
+    if np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError("shares must be non-negative and not all zero")
+    if minimum * weights.size > total:
+        raise ValueError(f"cannot give {weights.size} parts at least {minimum} each out of {total}")
+    spare = total - minimum * weights.size
+    exact = weights / weights.sum() * spare
+    sizes = np.floor(exact).astype(np.int64)
+    remainder = spare - int(sizes.sum())
+    # Largest fractional parts first; ties go to the larger share, then the lower index.
+    order = sorted(range(weights.size), key=lambda i: (-(exact[i] - sizes[i]), -weights[i], i))
+    for index in order[:remainder]:
+        sizes[index] += 1
+    return [int(size) + minimum for size in sizes]
 
 
 def _check_k(k: int, n_filters: int) -> None:
@@ -226,23 +295,30 @@ def _spectral_embedding(matrix: FloatArray, k: int) -> FloatArray:
 
 
 def _discretise(
-    embedding: FloatArray, k: int, rng: np.random.Generator, balance: bool
+    embedding: FloatArray, k: int, rng: np.random.Generator, capacities: list[int] | None
 ) -> npt.NDArray[np.int64]:
     centroids, labels = kmeans2(embedding, k, iter=30, minit="++", seed=rng, missing="warn")
     labels = np.asarray(labels, dtype=np.int64)
-    if balance:
-        return _balanced_labels(embedding, np.asarray(centroids, dtype=np.float64))
-    return _fill_empty_clusters(embedding, labels, k)
+    if capacities is None:
+        return _fill_empty_clusters(embedding, labels, k)
+    # The naturally largest cluster takes the largest capacity, and so on; label j of the
+    # result has exactly capacities[j] members.
+    natural = np.bincount(labels, minlength=k)
+    by_natural = np.argsort(-natural, kind="stable")
+    by_capacity = np.argsort(-np.asarray(capacities), kind="stable")
+    ordered = np.asarray(centroids, dtype=np.float64)[by_natural]
+    slot_labels = _balanced_labels(embedding, ordered, np.asarray(capacities)[by_capacity])
+    return by_capacity[slot_labels].astype(np.int64)
 
 
-def _balanced_labels(embedding: FloatArray, centroids: FloatArray) -> npt.NDArray[np.int64]:
-    """Assign points to centroids with sizes ⌊n/k⌋ or ⌈n/k⌉, minimising total distance."""
-    n_points, k = embedding.shape[0], centroids.shape[0]
-    capacity = [n_points // k + (1 if index < n_points % k else 0) for index in range(k)]
-    slot_owner = np.repeat(np.arange(k), capacity)
+def _balanced_labels(
+    embedding: FloatArray, centroids: FloatArray, capacity: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Assign points to centroids, ``capacity[j]`` points each, minimising total distance."""
+    slot_owner = np.repeat(np.arange(centroids.shape[0]), capacity)
     distance = np.linalg.norm(embedding[:, None, :] - centroids[None, :, :], axis=2)
     rows, cols = linear_sum_assignment(distance[:, slot_owner])
-    labels = np.empty(n_points, dtype=np.int64)
+    labels = np.empty(embedding.shape[0], dtype=np.int64)
     labels[rows] = slot_owner[cols]
     return labels
 
@@ -268,25 +344,21 @@ def _labels_to_parts(labels: npt.NDArray[np.int64], k: int) -> list[IdArray]:
     return [np.flatnonzero(labels == cluster).astype(np.int64) for cluster in range(k)]
 
 
-def _finish(parts: list[IdArray], leftovers: IdArray, balance: bool) -> list[IdArray]:
-    """Deal leftover (isolated) filters to the smallest parts, then sort everything."""
-    buckets = [list(part) for part in parts]
+def _finish(
+    buckets: list[list[int]], leftovers: IdArray, targets: list[int] | None
+) -> list[IdArray]:
+    """Deal leftover (isolated) filters to the parts, then sort everything.
+
+    Without targets each leftover goes to the currently smallest part; with targets, to the
+    part furthest below its target size.
+    """
     for node in leftovers:
-        smallest = min(range(len(buckets)), key=lambda index: (len(buckets[index]), index))
-        buckets[smallest].append(int(node))
-    if balance:
-        buckets = _even_out(buckets)
+        if targets is None:
+            chosen = min(range(len(buckets)), key=lambda i: (len(buckets[i]), i))
+        else:
+            chosen = max(range(len(buckets)), key=lambda i: (targets[i] - len(buckets[i]), -i))
+        buckets[chosen].append(int(node))
     return _canonical([np.array(bucket, dtype=np.int64) for bucket in buckets])
-
-
-def _even_out(buckets: list[list[int]]) -> list[list[int]]:
-    """Move filters from the largest to the smallest bucket until sizes differ by ≤ 1."""
-    while True:
-        sizes = [len(bucket) for bucket in buckets]
-        large, small = int(np.argmax(sizes)), int(np.argmin(sizes))
-        if sizes[large] - sizes[small] <= 1:
-            return buckets
-        buckets[small].append(buckets[large].pop())
 
 
 def _canonical(parts: Sequence[npt.ArrayLike]) -> list[IdArray]:

@@ -17,6 +17,7 @@ from mqttinfer.partition import (
     ncut_value,
     normalized_cut,
     partition_sizes_report,
+    proportional_sizes,
     useless_community,
 )
 
@@ -316,3 +317,66 @@ def test_partition_sizes_report_and_contiguous():
     assert "3 partitions of 10 filters" in partition_sizes_report(parts)
     with pytest.raises(ValueError, match="sum to"):
         contiguous_partitions(10, [3, 3])
+
+
+# ----------------------------------------------------------------- sized cuts
+
+
+def test_normalized_cut_with_given_sizes():
+    weights, _ = planted_graph([10, 10, 10])
+    parts = normalized_cut(weights, 3, sizes=[5, 10, 15])
+    assert_partition(parts, 30, 3)
+    assert sorted(p.size for p in parts) == [5, 10, 15]
+
+
+def test_normalized_cut_sizes_with_isolated_filters():
+    weights, _ = planted_graph([6, 6])
+    padded = np.zeros((20, 20))
+    padded[:12, :12] = weights
+    parts = normalized_cut(padded, 4, sizes=[2, 3, 5, 10])
+    assert_partition(parts, 20, 4)
+    assert sorted(p.size for p in parts) == [2, 3, 5, 10]
+    balanced = normalized_cut(padded, 3, balance=True)
+    assert sorted(p.size for p in balanced) == [6, 7, 7]
+
+
+def test_normalized_cut_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="summing to 4"):
+        normalized_cut(np.ones((4, 4)) - np.eye(4), 2, sizes=[1, 2])
+
+
+@pytest.mark.parametrize(
+    ("total", "shares", "minimum", "expected"),
+    [
+        (10, [1, 1], 1, [5, 5]),
+        (10, [3, 1], 1, [7, 3]),
+        (7, [1, 1, 1], 1, [3, 2, 2]),
+        (5, [100, 1, 1], 1, [3, 1, 1]),
+        (4, [0, 1], 0, [0, 4]),
+    ],
+)
+def test_proportional_sizes(total, shares, minimum, expected):
+    assert proportional_sizes(total, shares, minimum) == expected
+
+
+def test_proportional_sizes_errors():
+    with pytest.raises(ValueError, match="at least 1 each"):
+        proportional_sizes(2, [1, 1, 1])
+    with pytest.raises(ValueError, match="not all zero"):
+        proportional_sizes(2, [0, 0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_sized_cut_property(data):
+    n_filters = data.draw(st.integers(min_value=2, max_value=20))
+    k = data.draw(st.integers(min_value=1, max_value=n_filters))
+    shares = data.draw(st.lists(st.floats(0.1, 10.0), min_size=k, max_size=k))
+    sizes = proportional_sizes(n_filters, shares)
+    rng = np.random.default_rng(data.draw(st.integers(0, 100)))
+    weights = rng.random((n_filters, n_filters)) * (rng.random((n_filters, n_filters)) < 0.5)
+    weights = np.triu(weights, 1)
+    weights = weights + weights.T
+    parts = normalized_cut(weights, k, sizes=sizes)
+    assert_partition(parts, n_filters, k)
+    assert sorted(p.size for p in parts) == sorted(sizes)
