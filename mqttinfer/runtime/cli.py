@@ -20,6 +20,8 @@ from mqttinfer.bundle import demo_bundle_path
 from mqttinfer.errors import ConfigError, MqttInferError
 from mqttinfer.runtime.bus import BrokerConfig, Bus
 from mqttinfer.runtime.device import Device, DeviceSettings
+from mqttinfer.runtime.model_transfer import ModelCache, default_state_dir
+from mqttinfer.runtime.plan_client import PlanClientSettings, PlanRoleProvider
 from mqttinfer.runtime.roles import (
     RoleProvider,
     StaticRoleProvider,
@@ -79,9 +81,23 @@ def device_run(
         float,
         typer.Option(help="EMULATION: sleep (F-1) x compute after each inference (F >= 1)."),
     ] = 1.0,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where models fetched from the broker are cached "
+            "(default: $STATE_DIRECTORY, else ~/.cache/mqttinfer)."
+        ),
+    ] = None,
+    fetch_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a plan's model from the broker.")
+    ] = 120.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Serve frames until SIGTERM/SIGINT, then announce offline (clean) and exit 0."""
+    """Serve frames until SIGTERM/SIGINT, then announce offline (clean) and exit 0.
+
+    Without --role or --partition the device waits for the role that 'mqttinfer plan apply'
+    retains on plan/<id>, and fetches its model from the broker.
+    """
     setup_logging(log_level)
     try:
         check_id(node_id, "--id")
@@ -93,7 +109,11 @@ def device_run(
             stats_interval_s=stats_interval,
             slowdown=slowdown,
         )
-        provider = _role_provider(settings, role, bundle, partition, group)
+        provider = _role_provider(settings, role, bundle, partition, group) or PlanRoleProvider(
+            node_id,
+            cache=ModelCache(state_dir or default_state_dir()),
+            settings=PlanClientSettings(fetch_timeout_s=fetch_timeout),
+        )
         bus = Bus(
             BrokerConfig.from_url(broker), node=node_id, kind="device", topics=Topics(deployment)
         )
@@ -109,7 +129,8 @@ def _role_provider(
     bundle: Path | None,
     partition: int | None,
     group: str | None,
-) -> RoleProvider:
+) -> RoleProvider | None:
+    """The provider of a local role, or None when the role is to come from the plan topic."""
     if role is not None and (bundle is not None or partition is not None):
         raise ConfigError(
             "give either --role or --bundle/--partition, not both", field="--role", fix="pick one"
@@ -117,11 +138,13 @@ def _role_provider(
     if role is not None:
         loaded = role_from_file(role, device=settings.node, deployment=settings.deployment)
         return StaticRoleProvider(loaded)
+    if partition is None and bundle is None:
+        return None
     if partition is None:
         raise ConfigError(
-            "this device has no role",
-            field="--role",
-            fix="pass --role FILE, or --bundle DIR --partition K",
+            "--bundle needs --partition",
+            field="--partition",
+            fix="pass --partition K, or neither to take the role from 'plan apply'",
         )
     bundle_dir = bundle or demo_bundle_path()
     loaded = role_from_bundle(

@@ -1,10 +1,14 @@
 """The device role: frames in, one partial-feature vector per frame out.
 
-Subscriptions: ``frames/+`` (every source of the deployment). Publications:
+Subscriptions: ``frames/+`` (every source of the deployment) while the device has a role; a
+role withdrawn by ``plan apply`` unsubscribes it and goes back to ``serving=idle``. Publications:
 ``partials/<partition>/<device>`` (the compact ``Partial`` envelope, fp16 features),
 ``stats/<device>`` every few seconds, and the retained ``status/<device>`` (the bus's birth and
 will; the birth carries the role summary, and ``serving`` goes ``idle`` → ``loading`` →
-``ready`` once the student is warmed up).
+``ready`` once the student is warmed up; the role summary changes only once the new student
+is ready, so a role that fails to load leaves the previous one announced and served). A new role
+with the same model, input and pooling as the current one (a new plan version) swaps in without
+reloading the student.
 
 Threads: paho's network thread only appends frames to a bounded drop-oldest queue (a slow
 device drops its stalest frames, counted as ``dropped_queue``). One worker thread loads roles
@@ -111,7 +115,9 @@ class Device:
         self.queue_ms = RollingQuantiles()
         self._queue: DropOldestQueue[Message] = DropOldestQueue(settings.queue_size)
         self._answered: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._pending: LoadedRole | None = None
+        # A one-element box: (None,) is a pending withdrawal, None is nothing pending.
+        self._pending: tuple[LoadedRole | None] | None = None
+        self._frames_subscribed = False
         self._pending_lock = threading.Lock()
         self._current: _Loaded | None = None
         self._ready = threading.Event()
@@ -127,7 +133,6 @@ class Device:
 
     def start(self) -> None:
         self.bus.update_status(serving="idle")
-        self.bus.subscribe(self.topics.all_frames, self._on_frame, qos=self.settings.frame_qos)
         self.provider.start(self.bus, self._on_role, self._on_role_error)
         self._worker.start()
         self._stats.start()
@@ -154,9 +159,9 @@ class Device:
         if self._queue.put(message) is not None:
             self.counters.inc("dropped_queue")
 
-    def _on_role(self, loaded: LoadedRole) -> None:
+    def _on_role(self, loaded: LoadedRole | None) -> None:
         with self._pending_lock:
-            self._pending = loaded
+            self._pending = (loaded,)
 
     def _on_role_error(self, error: str) -> None:
         log.error("role unavailable: %s", error)
@@ -177,11 +182,21 @@ class Device:
 
     def _load_pending_role(self) -> None:
         with self._pending_lock:
-            loaded, self._pending = self._pending, None
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        loaded = pending[0]
         if loaded is None:
+            self._withdraw_role()
             return
         role = loaded.role
-        self.bus.update_status(role=role.summary(), serving="loading", error=None)
+        current = self._current
+        if current is not None and _same_student(current.role, role):
+            self._current = _Loaded(role, current.runner)
+            self.bus.update_status(role=role.summary(), serving="ready", error=None)
+            log.info("%s: plan v%d keeps the same student", self.settings.node, role.plan_version)
+            return
+        self.bus.update_status(serving="loading", error=None)
         try:
             runner = StudentRunner(
                 loaded.model,
@@ -195,7 +210,8 @@ class Device:
             return
         self._current = _Loaded(role, runner)
         self.counters.inc("roles_loaded")
-        self.bus.update_status(serving="ready", error=None)
+        self._subscribe_frames(True)
+        self.bus.update_status(role=role.summary(), serving="ready", error=None)
         self._ready.set()
         log.info(
             "device %s serves partition %d (group %s, %d features) from %s",
@@ -205,6 +221,20 @@ class Device:
             runner.output_dim,
             loaded.origin,
         )
+
+    def _withdraw_role(self) -> None:
+        self._current = None
+        self._ready.clear()
+        self._subscribe_frames(False)
+        self.bus.update_status(role=None, serving="idle", error=None)
+        log.info("device %s: role withdrawn, idle", self.settings.node)
+
+    def _subscribe_frames(self, wanted: bool) -> None:
+        if wanted and not self._frames_subscribed:
+            self.bus.subscribe(self.topics.all_frames, self._on_frame, qos=self.settings.frame_qos)
+        elif not wanted and self._frames_subscribed:
+            self.bus.unsubscribe(self.topics.all_frames)
+        self._frames_subscribed = wanted
 
     def _handle(self, message: Message) -> None:
         try:
@@ -308,3 +338,8 @@ class Device:
             latencies={"compute": self.compute_ms, "queue": self.queue_ms},
         )
         self.bus.publish(self.topics.stats(self.settings.node), stats.encode(), qos=STATS_QOS)
+
+
+def _same_student(old: Role, new: Role) -> bool:
+    """True when ``new`` runs the very model ``old`` runs (so the runner can be kept)."""
+    return (old.model.sha256, old.input, old.pool) == (new.model.sha256, new.input, new.pool)

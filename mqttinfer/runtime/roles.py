@@ -6,8 +6,9 @@ plan replaces the role). The device never cares where it came from:
 
 - :class:`FileRoleProvider`: a local JSON/YAML role file (``model.file`` relative to it);
 - :class:`BundleRoleProvider`: one partition of a local bundle directory;
-- ``PlanRoleProvider`` (``runtime/plan_role.py``): the retained ``plan/<device>`` topic and the
-  model bytes from ``models/<sha256>``.
+- ``PlanRoleProvider`` (``runtime/plan_client.py``): the retained ``plan/<device>`` topic and
+  the model bytes from ``models/<sha256>``; it calls ``on_role(None)`` when ``plan apply``
+  withdraws the device's role.
 
 Providers are started with the device's bus; their callbacks may run on the network thread, so
 the device only stores the role there and loads it on its worker.
@@ -42,7 +43,8 @@ class LoadedRole:
     origin: str
 
 
-RoleCallback = Callable[[LoadedRole], None]
+# None: the role was withdrawn (the device stops serving until a new one comes).
+RoleCallback = Callable[[LoadedRole | None], None]
 ErrorCallback = Callable[[str], None]
 
 
