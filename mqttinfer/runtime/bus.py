@@ -25,6 +25,7 @@ What :class:`Bus` adds to a bare paho client:
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -392,6 +393,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_socket_open = _disable_nagle
         with self._lock:
             for topic_filter in self._subs:
                 client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
@@ -589,6 +591,15 @@ class Bus:
             except Exception:
                 self.counters.inc("handler_errors")
                 log.exception("connection listener failed")
+
+
+def _disable_nagle(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Small messages (partials, results) must leave at once, not wait for the previous ACK:
+    with Nagle's algorithm and the peer's delayed ACK a QoS 0 stream stalls ~40 ms a message."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:  # not a TCP socket (unix, websockets wrapper)
+        log.debug("cannot set TCP_NODELAY: %s", exc)
 
 
 def _connack_max_packet(properties: Properties | None) -> int | None:
