@@ -194,15 +194,20 @@ class Aggregator:
         log.debug("ignoring a message on %s", message.topic)
 
     def _reject(self, kind: str, message: Message, reason: object) -> None:
-        self.counters.inc(f"rejected_{kind}")
-        log.warning(
-            "rejected a %d-byte %s on %s: %s (%r...)",
-            len(message.payload),
-            kind,
-            message.topic,
-            str(reason)[:200],
-            message.payload[:_LOG_PAYLOAD_BYTES],
-        )
+        name = f"rejected_{kind}"
+        self.counters.inc(name)
+        count = self.counters[name]
+        # A flood of bad messages must not flood the log: the first ten, then every hundredth.
+        if count <= 10 or count % 100 == 0:
+            log.warning(
+                "rejected %s #%d (%d bytes) on %s: %s (%r...)",
+                kind,
+                count,
+                len(message.payload),
+                message.topic[:160],
+                str(reason)[:200],
+                message.payload[:_LOG_PAYLOAD_BYTES],
+            )
 
     def _on_frame(self, message: Message) -> None:
         try:

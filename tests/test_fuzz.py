@@ -1,0 +1,302 @@
+"""Malformed payloads on the frame and partial topics never crash a node and are all counted.
+
+In process: at least 100,000 hypothesis-generated payloads (mutated valid envelopes, byte-level
+corruptions, random msgpack structures, raw bytes) go through the real aggregator's and the real
+device's message handlers. An independent oracle (the protocol decoders plus the partition
+widths) says which payloads are invalid; each handler must count exactly those as rejected.
+Then a smaller batch travels through a real Mosquitto to running nodes, which must still answer
+a good frame afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mqttinfer.errors import ProtocolError
+from mqttinfer.protocol import Frame, Partial, Result
+from mqttinfer.runtime.aggregator import Aggregator, AggregatorSettings, HeadWeights
+from mqttinfer.runtime.bus import BrokerConfig, Bus, Message
+from mqttinfer.runtime.device import Device, DeviceSettings
+from mqttinfer.runtime.local_broker import LocalBroker
+from mqttinfer.runtime.roles import StaticRoleProvider, role_from_bundle
+from mqttinfer.topics import Topics
+from tests.support.synthetic import SyntheticBundle, random_frames
+
+TOTAL_IN_PROCESS = 100_000
+BATCH = 250
+BROKER_PAYLOADS = 1500
+PARTITION = 0
+
+
+# Payload strategies --------------------------------------------------------------------------
+def valid_partial_body(width: int) -> dict[str, Any]:
+    partial = Partial("f-1", PARTITION, "d", np.ones(width, np.float32), 1.0, 0.5, 3)
+    body: dict[str, Any] = msgpack.unpackb(partial.encode())
+    return body
+
+
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=24)
+)
+structures = st.recursive(
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=4,
+)
+tensor_keys = st.sampled_from(["dtype", "shape", "data", "enc", "scale", "zz"])
+
+
+@st.composite
+def mutated_envelope(draw: st.DrawFn, width: int) -> bytes:
+    """A valid frame or partial with one field (or one tensor field) replaced or deleted."""
+    envelope = _frame_body(draw) if draw(st.booleans()) else valid_partial_body(width)
+    tensor_key = "tensor" if "tensor" in envelope else "x"
+    target = envelope[tensor_key] if draw(st.booleans()) else envelope
+    key = draw(
+        tensor_keys if target is not envelope else st.sampled_from([*sorted(envelope), "zz"])
+    )
+    if draw(st.booleans()):
+        target.pop(key, None)
+    else:
+        target[key] = draw(structures)
+    packed: bytes = msgpack.packb(envelope, use_bin_type=True)
+    return packed
+
+
+def _frame_body(draw: st.DrawFn) -> dict[str, Any]:
+    shape = draw(st.sampled_from([(1, 8, 8), (1, 2, 2), (3,)]))
+    pixels = np.arange(int(np.prod(shape)), dtype=np.uint8).reshape(shape)
+    frame = Frame(id="f-1", source="cam", ts=1.0, tensor=pixels, deadline_ms=100, label=1)
+    body: dict[str, Any] = msgpack.unpackb(frame.encode())
+    return body
+
+
+@st.composite
+def corrupted_bytes(draw: st.DrawFn, width: int) -> bytes:
+    """A valid encoded frame or partial, truncated, with bytes flipped, or with bytes inserted."""
+    if draw(st.booleans()):
+        raw = Frame("f-2", "cam", 1.0, np.zeros((1, 8, 8), np.uint8)).encode()
+    else:
+        raw = Partial("f-2", PARTITION, "d", np.ones(width, np.float32), 1.0, 1.0).encode()
+    where = draw(st.integers(0, len(raw)))
+    how = draw(st.sampled_from(["truncate", "flip", "insert"]))
+    if how == "truncate":
+        return raw[:where]
+    if how == "flip":
+        index = min(where, len(raw) - 1)
+        return raw[:index] + bytes([raw[index] ^ draw(st.integers(1, 255))]) + raw[index + 1 :]
+    return raw[:where] + draw(st.binary(min_size=1, max_size=8)) + raw[where:]
+
+
+def payloads(width: int) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        mutated_envelope(width),
+        corrupted_bytes(width),
+        structures.map(lambda v: msgpack.packb(v, use_bin_type=True)),
+        st.binary(max_size=64),
+    )
+
+
+# Oracles --------------------------------------------------------------------------------------
+def frame_is_valid(payload: bytes) -> bool:
+    try:
+        Frame.decode(payload)
+    except ProtocolError:
+        return False
+    return True
+
+
+def partial_is_valid(payload: bytes, width: int) -> bool:
+    try:
+        partial = Partial.decode(payload, partition=PARTITION, device="fuzz")
+    except ProtocolError:
+        return False
+    return partial.features.shape == (width,) and bool(np.isfinite(partial.features).all())
+
+
+# Nodes ---------------------------------------------------------------------------------------
+def make_aggregator(bundle: SyntheticBundle, bus: Any, deployment: str) -> Aggregator:
+    widths = {k: int(kernel.shape[0]) for k, kernel in enumerate(bundle.kernels)}
+    return Aggregator(
+        bus,
+        widths=widths,
+        head=HeadWeights(bundle.head_weight, bundle.head_bias),
+        settings=AggregatorSettings(deployment=deployment, default_deadline_ms=200),
+    )
+
+
+def make_device(
+    bundle: SyntheticBundle, url: str, deployment: str, node: str, partition: int
+) -> Device:
+    bus = Bus(BrokerConfig.from_url(url), node=node, kind="device", topics=Topics(deployment))
+    loaded = role_from_bundle(
+        bundle.path, device=node, deployment=deployment, partition=partition, group=f"g{partition}"
+    )
+    settings = DeviceSettings(node=node, deployment=deployment, queue_size=10_000)
+    return Device(bus, StaticRoleProvider(loaded), settings)
+
+
+@pytest.fixture
+def offline_nodes(
+    synthetic_bundle: SyntheticBundle, deployment: str
+) -> Iterator[tuple[Aggregator, Device]]:
+    """An aggregator and a device whose buses never connect (port 9 on loopback is closed)."""
+    url = "mqtt://127.0.0.1:9"
+    agg_bus = Bus(
+        BrokerConfig.from_url(url), node="agg", kind="aggregator", topics=Topics(deployment)
+    )
+    aggregator = make_aggregator(synthetic_bundle, agg_bus, deployment)
+    device = make_device(synthetic_bundle, url, deployment, "fuzz-dev", PARTITION)
+    device.start()
+    assert device.wait_ready(30), "the device did not load its student"
+    yield aggregator, device
+    device.stop()
+
+
+# In process -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_100k_malformed_payloads_in_process(
+    offline_nodes: tuple[Aggregator, Device], synthetic_bundle: SyntheticBundle
+) -> None:
+    aggregator, device = offline_nodes
+    width = int(synthetic_bundle.kernels[PARTITION].shape[0])
+    topics = aggregator.topics
+    frame_topic = topics.frames("cam")
+    partial_topic = topics.partial(PARTITION, "fuzz")
+    seen: Counter[str] = Counter()
+
+    @settings(
+        max_examples=TOTAL_IN_PROCESS // BATCH,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(batch=st.lists(payloads(width), min_size=BATCH, max_size=BATCH))
+    def feed(batch: list[bytes]) -> None:
+        for payload in batch:
+            now = time.monotonic()
+            seen["payloads"] += 1
+            seen["bad_frames"] += not frame_is_valid(payload)
+            seen["bad_partials"] += not partial_is_valid(payload, width)
+            aggregator.handle(Message(frame_topic, payload, False, now))
+            aggregator.handle(Message(partial_topic, payload, False, now))
+            device._handle(Message(frame_topic, payload, False, now))
+
+    started = time.monotonic()
+    feed()
+    elapsed = time.monotonic() - started
+    counters = aggregator.snapshot()
+    assert seen["payloads"] >= TOTAL_IN_PROCESS
+    # Most payloads are malformed; the few valid ones must not be counted as rejected.
+    assert seen["bad_frames"] > 0.9 * seen["payloads"]
+    assert counters["rejected_frame"] == seen["bad_frames"]
+    assert counters["rejected_partial"] == seen["bad_partials"]
+    assert device.counters["rejected"] == seen["bad_frames"]
+    assert device.counters["errors"] == 0
+    print(f"{seen['payloads']} payloads in {elapsed:.1f} s: {dict(seen)}")
+
+
+# Through a real broker ------------------------------------------------------------------------
+def wait_until(predicate: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.broker
+def test_malformed_payloads_through_a_real_broker(
+    broker: LocalBroker, synthetic_bundle: SyntheticBundle, deployment: str
+) -> None:
+    topics = Topics(deployment)
+    width = int(synthetic_bundle.kernels[PARTITION].shape[0])
+    config = BrokerConfig.from_url(broker.url)
+    agg_bus = Bus(config, node="aggregator", kind="aggregator", topics=topics)
+    aggregator = make_aggregator(synthetic_bundle, agg_bus, deployment)
+    devices = [
+        make_device(synthetic_bundle, broker.url, deployment, f"dev{k}", k)
+        for k in range(synthetic_bundle.num_partitions)
+    ]
+    client = Bus(config, node="fuzzer", kind="source", topics=topics)
+    results: list[Result] = []
+    client.subscribe(topics.all_results, lambda m: results.append(Result.decode(m.payload)), qos=1)
+    aggregator.start()
+    agg_bus.start()
+    for device in devices:
+        device.start()
+    client.start()
+    try:
+        assert agg_bus.wait_connected(10) and client.wait_connected(10)
+        assert all(d.wait_ready(30) for d in devices)
+        assert all(d.bus.wait_connected(10) for d in devices)
+        time.sleep(0.3)  # let the subscriptions settle
+
+        expected: Counter[str] = Counter()
+
+        @settings(
+            max_examples=BROKER_PAYLOADS // BATCH,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(batch=st.lists(payloads(width), min_size=BATCH, max_size=BATCH))
+        def publish(batch: list[bytes]) -> None:
+            for payload in batch:
+                expected["payloads"] += 1
+                expected["bad_frames"] += not frame_is_valid(payload)
+                expected["bad_partials"] += not partial_is_valid(payload, width)
+                assert client.publish(topics.frames("cam"), payload, qos=1)
+                assert client.publish(topics.partial(PARTITION, "fuzz"), payload, qos=1)
+            time.sleep(0.05)  # a modest pace: the nodes, not the broker's queues, are under test
+
+        publish()
+        assert expected["payloads"] >= BROKER_PAYLOADS
+        bad_frames, bad_partials = expected["bad_frames"], expected["bad_partials"]
+
+        def all_counted() -> bool:
+            snap = aggregator.snapshot()
+            return (
+                snap["rejected_frame"] >= bad_frames
+                and snap["rejected_partial"] >= bad_partials
+                and all(d.counters["rejected"] >= bad_frames for d in devices)
+            )
+
+        assert wait_until(all_counted, 30), (aggregator.snapshot(), bad_frames, bad_partials)
+        snap = aggregator.snapshot()
+        assert snap["rejected_frame"] == bad_frames
+        assert snap["rejected_partial"] == bad_partials
+        assert all(d.counters["rejected"] == bad_frames for d in devices)
+
+        # Still alive and correct: a good frame gets a complete result with the right logits.
+        pixels = random_frames(1, synthetic_bundle.shape, seed=7)
+        good = Frame(id="after-fuzz", source="cam", ts=time.time(), tensor=pixels[0])
+        assert client.publish(topics.frames("cam"), good.encode(), qos=1)
+        assert wait_until(lambda: any(r.frame == "after-fuzz" for r in results), 10)
+        result = next(r for r in results if r.frame == "after-fuzz")
+        assert result.reason == "complete" and not result.degraded
+        expected = synthetic_bundle.reference_logits(pixels)[0]
+        np.testing.assert_allclose(result.logits, expected, atol=2e-2, rtol=1e-2)
+    finally:
+        client.stop()
+        for device in devices:
+            device.stop()
+        aggregator.stop()
+        agg_bus.stop()
