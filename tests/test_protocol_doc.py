@@ -16,6 +16,8 @@ from mqttinfer.protocol import DEFAULT_LIMITS, PROTOCOL_VERSION, Frame
 from mqttinfer.protocol.control import NODE_KINDS, SERVING, STATES
 from mqttinfer.protocol.messages import LATENCY_KEYS, RESULT_REASONS
 from mqttinfer.runtime import aggregator as aggregator_module
+from mqttinfer.runtime import source as source_module
+from mqttinfer.runtime.device import DeviceSettings
 from mqttinfer.topics import Topics
 from tests.test_protocol import (
     sample_frame,
@@ -81,7 +83,10 @@ def test_every_topic_builder_is_documented() -> None:
 
 def test_topic_table_qos_and_retain_match_the_code() -> None:
     table = topic_table()
+    assert table["frames/<source>"]["qos"] == str(source_module.FRAME_QOS)
+    assert table["partials/<partition>/<device>"]["qos"] == str(DeviceSettings("d").partial_qos)
     assert table["results/<source>"]["qos"] == str(aggregator_module.RESULT_QOS)
+    assert source_module.RESULT_QOS == aggregator_module.RESULT_QOS
     assert table["stats/<node>"]["qos"] == str(aggregator_module.STATS_QOS)
     assert table["status/<node>"]["retained"] == "**yes**"
     for topic in ("frames/<source>", "partials/<partition>/<device>", "results/<source>"):
