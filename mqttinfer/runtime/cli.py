@@ -6,17 +6,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
+import numpy as np
+import numpy.typing as npt
 import typer
 
 from mqttinfer.bundle import demo_bundle_path
+from mqttinfer.datasets import iter_folder, load_fashion_mnist, load_npz
 from mqttinfer.errors import ConfigError, MqttInferError
 from mqttinfer.runtime.bus import BrokerConfig, Bus
 from mqttinfer.runtime.device import Device, DeviceSettings
@@ -28,6 +33,7 @@ from mqttinfer.runtime.roles import (
     role_from_bundle,
     role_from_file,
 )
+from mqttinfer.runtime.source import Source, format_report, stream
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
 
 log = logging.getLogger(__name__)
@@ -175,8 +181,77 @@ def serve_device(device: Device) -> None:
     device.stop()
 
 
+def source(
+    *,
+    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    npz: Annotated[
+        Path | None, typer.Option(help="Frames from an .npz: x uint8 [N,C,H,W]/[N,H,W], y.")
+    ] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option(help="Frames from image files (.npy/.pgm/.ppm; others need Pillow)."),
+    ] = None,
+    fashion_mnist: Annotated[
+        bool,
+        typer.Option(
+            "--fashion-mnist",
+            help="The Fashion-MNIST test set (Debian package dataset-fashion-mnist).",
+        ),
+    ] = False,
+    rate: Annotated[
+        float, typer.Option(help="Frames per second; 0 sends the next once a result arrived.")
+    ] = 20.0,
+    count: Annotated[int | None, typer.Option(help="Send at most this many frames.")] = None,
+    deadline_ms: Annotated[int, typer.Option(help="Each frame's deadline.")] = 1000,
+    source_id: Annotated[str, typer.Option("--id", help="This source's id.")] = "cam1",
+    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
+        DEFAULT_DEPLOYMENT
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    """Stream frames to a deployment and print accuracy and latency (exit 1: no result came)."""
+    setup_logging(log_level)
+    try:
+        frames, classes = _frames(npz, folder, fashion_mnist)
+        with Source(
+            broker,
+            source_id=source_id,
+            deployment=deployment,
+            deadline_ms=deadline_ms,
+            classes=classes,
+        ) as camera:
+            report = stream(camera, frames, rate=rate, count=count)
+    except (MqttInferError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if report["sent"] and not report["counters"]["results"]:
+        raise typer.Exit(1)
+
+
+def _frames(
+    npz: Path | None, folder: Path | None, fashion_mnist: bool
+) -> tuple[Iterable[tuple[npt.NDArray[np.uint8], int | None]], tuple[str, ...]]:
+    chosen = [name for name, given in (("--npz", npz), ("--folder", folder)) if given is not None]
+    chosen += ["--fashion-mnist"] if fashion_mnist else []
+    if len(chosen) != 1:
+        raise ConfigError(
+            f"give exactly one frame input, not {chosen or 'none'}",
+            field="input",
+            fix="pass one of --npz FILE, --folder DIR, --fashion-mnist",
+        )
+    if npz is not None:
+        return load_npz(npz), ()
+    if folder is not None:
+        return iter_folder(folder), ()
+    frames = load_fashion_mnist()
+    return frames, frames.classes
+
+
 cli = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 cli.add_typer(device_app, name="device")
+cli.command("source")(source)
 
 if __name__ == "__main__":
     cli()
