@@ -120,6 +120,7 @@ def apply(
     else:
         _print_summary(report)
     if not report.ok:
+        _print_failures(report)
         raise typer.Exit(1)
 
 
@@ -197,11 +198,14 @@ def _print_summary(report: ApplyReport) -> None:
         f"{len(report.cleared)} roles withdrawn, {len(report.pruned)} models deleted "
         f"({report.elapsed_s:.1f} s)"
     )
-    if report.failed:
-        errors = Console(stderr=True)
-        errors.print("[bold red]devices that did not ack:[/]")
-        for d in report.failed:
-            errors.print(f"  {d.device}: {d.outcome.value}: {d.detail}", markup=False)
+
+
+def _print_failures(report: ApplyReport) -> None:
+    """On stderr in every mode, so that a --json consumer's stdout stays one document."""
+    errors = Console(stderr=True)
+    errors.print(f"[bold red]{len(report.failed)} devices did not ack plan v{report.version}:[/]")
+    for d in report.failed:
+        errors.print(f"  {d.device}: {d.outcome.value}: {d.detail}", markup=False, soft_wrap=True)
 
 
 devices_app = typer.Typer(
