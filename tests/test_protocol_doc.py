@@ -16,8 +16,11 @@ from mqttinfer.protocol import DEFAULT_LIMITS, PROTOCOL_VERSION, Frame
 from mqttinfer.protocol.control import NODE_KINDS, SERVING, STATES
 from mqttinfer.protocol.messages import LATENCY_KEYS, RESULT_REASONS
 from mqttinfer.runtime import aggregator as aggregator_module
+from mqttinfer.runtime import plan_apply
 from mqttinfer.runtime import source as source_module
 from mqttinfer.runtime.device import DeviceSettings
+from mqttinfer.runtime.model_transfer import MAX_CHUNKS, split_model
+from mqttinfer.runtime.retained import probe_topic
 from mqttinfer.topics import Topics
 from tests.test_protocol import (
     sample_frame,
@@ -78,7 +81,10 @@ def test_every_topic_builder_is_documented() -> None:
         if "+" in topic or "#" in topic:
             continue  # filters: named above; their patterns are in the subscriptions paragraph
         assert topic in table, f"topic {topic} (Topics.{name}) is missing from the table"
-    assert set(table) == {t for t in builders.values() if "+" not in t and "#" not in t}
+    # Besides the builders' topics, only the private barrier topic of retained.py.
+    extra = set(table) - {t for t in builders.values() if "+" not in t and "#" not in t}
+    assert extra == {"probe/<node>/barrier"}
+    assert probe_topic(Topics("D"), "<node>") == "mqttinfer/D/probe/<node>"
 
 
 def test_topic_table_qos_and_retain_match_the_code() -> None:
@@ -93,11 +99,14 @@ def test_topic_table_qos_and_retain_match_the_code() -> None:
         assert table[topic]["retained"] == "no"
 
 
-def test_reserved_topics_are_marked_reserved_until_they_exist() -> None:
-    table_text = section("Topics")
-    for topic in ("plan/<device>", "models/<sha256>", "profile/<device>"):
-        row = next(line for line in table_text.splitlines() if line.startswith(f"| `{topic}`"))
-        assert "reserved" in row
+def test_topics_nothing_publishes_yet_are_marked_reserved() -> None:
+    rows = {line.split("`")[1]: line for line in section("Topics").splitlines() if "| `" in line}
+    assert "reserved" in rows["profile/<device>"]
+    for topic in ("plan/<device>", "models/<sha256>", "models/<sha256>/<index>"):
+        assert "reserved" not in rows[topic] and "`plan apply`" in rows[topic]
+    table = topic_table()
+    assert table["plan/<device>"]["qos"] == str(plan_apply.ROLE_QOS)
+    assert table["models/<sha256>"]["qos"] == str(plan_apply.MODEL_QOS)
 
 
 # Fields ---------------------------------------------------------------------------------------
@@ -114,6 +123,10 @@ def msgpack_keys(payload: bytes) -> set[str]:
         ("Status", lambda: set(json.loads(sample_status().encode()))),
         ("Stats", lambda: set(json.loads(sample_stats().encode()))),
         ("Role", lambda: set(json.loads(sample_role().encode()))),
+        (
+            "Plan apply and model distribution",
+            lambda: set(json.loads(split_model(b"x" * 10, 4, name="s.onnx", arch="a")[0].encode())),
+        ),
     ],
 )
 def test_every_envelope_field_is_documented_in_its_section(title: str, keys) -> None:
@@ -176,6 +189,8 @@ def test_limits_and_version_match_the_code() -> None:
     assert f"| {DEFAULT_LIMITS.max_tensor_rank} |" in limits
     assert f"{DEFAULT_LIMITS.max_payload_bytes // (1024 * 1024)} MiB" in limits
     assert f"now `{PROTOCOL_VERSION}`" in TEXT
+    assert f"at most {MAX_CHUNKS:,}" in section("Plan apply and model distribution")
+    assert plan_apply.DEFAULT_CHUNK_SIZE == 256 * 1024 and "256 KiB" in TEXT
 
 
 # The worked example -----------------------------------------------------------------------------
