@@ -67,11 +67,14 @@ class LocalBroker:
         max_packet_size: int = DEFAULT_MAX_PACKET,
         extra_config: str = "",
         binary: str | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.max_packet_size = max_packet_size
         self._extra = extra_config
+        # A ready config (e.g. broker init's) that must listen on ``host:port`` itself.
+        self._config_file = config_file
         self._binary = binary or find_mosquitto()
         self._dir = Path(tempfile.mkdtemp(prefix="mqttinfer-broker-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -83,6 +86,10 @@ class LocalBroker:
     @property
     def log_path(self) -> Path:
         return self._dir / "mosquitto.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self._dir / "mosquitto.stderr"
 
     @property
     def running(self) -> bool:
@@ -108,14 +115,19 @@ class LocalBroker:
             )
         if self.running:
             return self
-        conf = self._dir / "mosquitto.conf"
-        conf.write_text(self.config_text())
-        self._proc = subprocess.Popen(
-            [self._binary, "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        conf = self._config_file
+        if conf is None:
+            conf = self._dir / "mosquitto.conf"
+            conf.write_text(self.config_text())
+        # stderr goes to a file: a config that logs to stderr must never block on a full pipe.
+        with self.stderr_path.open("ab") as stderr:
+            self._proc = subprocess.Popen(
+                [self._binary, "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                cwd=self._dir,  # a config without persistence_location saves mosquitto.db here
+            )
         if not wait_for_port(self.host, self.port, timeout_s):
             err = self._stderr_tail()
             self.stop()
@@ -124,9 +136,9 @@ class LocalBroker:
         return self
 
     def _stderr_tail(self) -> str:
-        if self._proc is None or self._proc.poll() is None or self._proc.stderr is None:
+        if self._proc is None or self._proc.poll() is None:
             return "(still starting)"
-        return self._proc.stderr.read().decode(errors="replace")[-500:]
+        return self.stderr_path.read_bytes().decode(errors="replace")[-500:]
 
     def kill(self) -> None:
         """SIGKILL the broker (a crash: no clean disconnects, wills fire on restart only)."""
@@ -144,8 +156,6 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
-        if self._proc.stderr is not None:
-            self._proc.stderr.close()
         self._proc = None
 
     def close(self) -> None:
