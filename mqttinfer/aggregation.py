@@ -266,8 +266,12 @@ class Aggregation:
         ):
             self._count("stale_status")
             return ()
-        # A will may lack the role of its session; keep the last known partition then.
-        served = partition if partition is not None or known is None else known.partition
+        # A will is registered at connect time, often before the role was loaded, so it may
+        # lack the role; it ends the session that served the last known partition. An online
+        # status without a role is an idle device: it serves nothing.
+        served = partition
+        if partition is None and not online and known is not None:
+            served = known.partition
         self._nodes[node] = _NodeState(served, online, bdseq)
         dead = self.dead_partitions()
         if not dead:
@@ -443,4 +447,3 @@ def apply_head(
     shifted = logits - logits[label]  # max is 0: exp never overflows
     score = float(1.0 / np.exp(shifted, dtype=np.float64).sum())
     return logits.astype(np.float32), label, score
-

@@ -327,6 +327,16 @@ def test_role_change_moves_a_replica_between_partitions() -> None:
     assert agg.dead_partitions() == {2}
 
 
+def test_a_withdrawn_device_stops_counting_as_a_replica() -> None:
+    agg = make()
+    agg.node_status("n", 1, online=True, bdseq=0, now=0.0)
+    agg.node_status("m", 1, online=True, bdseq=0, now=0.0)
+    agg.node_status("n", None, online=True, bdseq=0, now=0.1)  # plan apply withdrew its role
+    assert agg.replicas() == {1: {"m": True}}
+    agg.node_status("m", None, online=False, bdseq=0, now=0.2)
+    assert agg.dead_partitions() == {1}
+
+
 def test_nodes_without_a_partition_do_not_count_as_replicas() -> None:
     agg = make()
     agg.node_status("idle", None, online=True, bdseq=0, now=0.0)
