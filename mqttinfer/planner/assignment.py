@@ -79,15 +79,20 @@ def choose_students(
     *,
     min_params_per_filter: float = 0.0,
     table: GroupTable | None = None,
+    costs: Sequence[StudentCost] | None = None,
 ) -> list[Choice | None]:
-    """Eq. (5)'s best student per group for one partition size (None: nothing fits)."""
+    """Eq. (5)'s best student per group for one partition size (None: nothing fits).
+
+    ``costs`` replaces the catalog look-up of ``candidates`` (a bundle's fixed student).
+    """
     table = table or GroupTable.build(fleet, groups)
     flops = fleet.column("flops")[table.order]
     rate = fleet.column("rate")[table.order]
     best_weight = np.full(len(groups), -np.inf)
     best: list[Choice | None] = [None] * len(groups)
-    for name in candidates:
-        cost = student_cost(name, input_shape, partition_size)
+    if costs is None:
+        costs = [student_cost(name, input_shape, partition_size) for name in candidates]
+    for cost in costs:
         if cost.params < min_params_per_filter * partition_size:
             continue
         latencies = device_latencies(cost.macs, partition_size, flops, rate)
@@ -134,8 +139,7 @@ def largest_common_student(
             fleet,
             list(range(len(fleet))),
             partition_size=partition_size,
-            candidates=candidates,
-            input_shape=input_shape,
+            costs=[student_cost(name, input_shape, partition_size) for name in candidates],
             min_params_per_filter=min_params_per_filter,
         )
     return max(fitting, key=lambda cost: (cost.params, -cost.macs, cost.arch))
@@ -150,55 +154,63 @@ def match(
     *,
     min_params_per_filter: float = 0.0,
     use_km: bool = True,
+    fixed_costs: Sequence[StudentCost] | None = None,
 ) -> list[tuple[int, Choice]]:
     """Pair every group with a partition (index into ``partition_sizes``) and a student.
 
-    ``use_km=False`` keeps group i on partition i (the baselines' fixed pairing). Raises
+    ``use_km=False`` keeps group i on partition i (the baselines' fixed pairing).
+    ``fixed_costs`` gives every partition its one possible student (a bundle's). Raises
     PlanningError when some group has no feasible student at all.
     """
     if len(groups) != len(partition_sizes):
         raise ValueError(f"{len(groups)} groups but {len(partition_sizes)} partitions")
     table = GroupTable.build(fleet, groups)
-    distinct = sorted({int(size) for size in partition_sizes})
-    choices = {
-        size: choose_students(
+    # Columns of the weight matrix: one per distinct partition size (partitions of one size
+    # are interchangeable), or one per partition when each has its own fixed student.
+    if fixed_costs is None:
+        sizes = sorted({int(size) for size in partition_sizes})
+        column_of = np.array([sizes.index(int(size)) for size in partition_sizes])
+        costs_of: list[Sequence[StudentCost] | None] = [None] * len(sizes)
+    else:
+        sizes = [int(size) for size in partition_sizes]
+        column_of = np.arange(len(sizes))
+        costs_of = [[cost] for cost in fixed_costs]
+    choices = [
+        choose_students(
             fleet,
             groups,
             size,
             candidates,
             input_shape,
-            min_params_per_filter=min_params_per_filter,
+            min_params_per_filter=0.0 if fixed_costs else min_params_per_filter,
             table=table,
+            costs=costs,
         )
-        for size in distinct
-    }
-    for index in range(len(groups)):
-        if all(choices[size][index] is None for size in distinct):
-            raise _nothing_fits(
-                fleet,
-                groups[index],
-                partition_size=max(distinct),
-                candidates=candidates,
-                input_shape=input_shape,
-                min_params_per_filter=min_params_per_filter,
-            )
-    weights = np.array(
-        [[_weight(choices[size][g]) for size in distinct] for g in range(len(groups))]
-    )
-    column_of = np.array([distinct.index(int(size)) for size in partition_sizes])
+        for size, costs in zip(sizes, costs_of, strict=True)
+    ]
+
+    def failure(group: int, column: int) -> PlanningError:
+        costs = costs_of[column] or [
+            student_cost(name, input_shape, sizes[column]) for name in candidates
+        ]
+        return _nothing_fits(
+            fleet,
+            groups[group],
+            partition_size=sizes[column],
+            costs=costs,
+            min_params_per_filter=min_params_per_filter,
+        )
+
+    for group in range(len(groups)):
+        if all(column[group] is None for column in choices):
+            raise failure(group, int(np.argmax(sizes)))
+    weights = np.array([[_weight(column[g]) for column in choices] for g in range(len(groups))])
     pairing = _assign(weights, column_of) if use_km else np.arange(len(groups))
     result: list[tuple[int, Choice]] = []
     for group, partition in enumerate(pairing):
-        choice = choices[int(partition_sizes[partition])][group]
+        choice = choices[int(column_of[partition])][group]
         if choice is None:
-            raise _nothing_fits(
-                fleet,
-                groups[group],
-                partition_size=int(partition_sizes[partition]),
-                candidates=candidates,
-                input_shape=input_shape,
-                min_params_per_filter=min_params_per_filter,
-            )
+            raise failure(group, int(column_of[partition]))
         result.append((int(partition), choice))
     return result
 
@@ -246,13 +258,11 @@ def _nothing_fits(
     members: Sequence[int],
     *,
     partition_size: int,
-    candidates: Sequence[str],
-    input_shape: InputShape,
+    costs: Sequence[StudentCost],
     min_params_per_filter: float,
 ) -> PlanningError:
     devices = tuple(fleet.devices[i].id for i in members)
     smallest = min(fleet.devices[i].memory for i in members)
-    costs = [student_cost(name, input_shape, partition_size) for name in candidates]
     leanest = min(costs, key=lambda cost: cost.memory_bytes)
     extra = ""
     if min_params_per_filter > 0:

@@ -21,7 +21,13 @@ import numpy.typing as npt
 import typer
 
 from mqttinfer.errors import ConfigError, MqttInferError
-from mqttinfer.planner.catalog import DEFAULT_CANDIDATES, load_candidates, parse_input_shape
+from mqttinfer.planner.bundle_source import BundleSpec, load_bundle_spec
+from mqttinfer.planner.catalog import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_INPUT_SHAPE,
+    load_candidates,
+    parse_input_shape,
+)
 from mqttinfer.planner.grouping import DEFAULT_DELTA
 from mqttinfer.planner.inventory import load_inventory
 from mqttinfer.planner.plan import STRATEGIES, Plan, load_plan, plan_document, save_plan
@@ -85,14 +91,15 @@ def make_command(  # noqa: PLR0917 - typer maps every option to a parameter
         Path | None, typer.Option("--candidates", help="YAML with 'candidates: [...]'.")
     ] = None,
     input_shape: Annotated[
-        str, typer.Option("--input-shape", help="Student input C,H,W.")
-    ] = "3,32,32",
+        str | None, typer.Option("--input-shape", help="Student input C,H,W [3,32,32].")
+    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Plan name (default: the --out file stem).")
     ] = None,
     deployment: Annotated[str, typer.Option("--deployment", help="MQTT deployment.")] = "default",
     bundle: Annotated[
-        str | None, typer.Option("--bundle", help="Model bundle the students come from.")
+        Path | None,
+        typer.Option("--bundle", help="Bundle directory: its partitions and students are used."),
     ] = None,
     rule: Annotated[str, typer.Option("--rule", help="Activation network rule: ah or ca.")] = "ah",
     min_replicas: Annotated[
@@ -121,11 +128,16 @@ def make_command(  # noqa: PLR0917 - typer maps every option to a parameter
             )
         if rule not in ("ah", "ca"):
             raise ConfigError(f"unknown rule {rule!r}", source="--rule", fix="use ah or ca")
-        if activations is None and channels is None:
+        spec = None if bundle is None else load_bundle_spec(bundle)
+        shape = DEFAULT_INPUT_SHAPE if input_shape is None else parse_input_shape(input_shape)
+        if spec is not None:
+            _check_against_bundle(spec, activations, channels, input_shape, shape)
+            shape = spec.input_shape
+        elif activations is None and channels is None:
             raise ConfigError(
                 "the number of teacher filters is unknown",
                 source="--channels",
-                fix="pass --activations acts.npy or --channels C",
+                fix="pass --activations acts.npy, --channels C or --bundle DIR",
             )
         if channels is not None and channels < 1:
             raise ConfigError(
@@ -148,10 +160,10 @@ def make_command(  # noqa: PLR0917 - typer maps every option to a parameter
             activations_path=None if activations is None else str(activations),
             rule="ca" if rule == "ca" else "ah",
             candidates=DEFAULT_CANDIDATES if candidates is None else load_candidates(candidates),
-            input_shape=parse_input_shape(input_shape),
+            input_shape=shape,
             name=plan_name,
             deployment=check_id(deployment, "--deployment"),
-            bundle=bundle,
+            bundle_spec=spec,
             min_params_per_filter=params_per_filter,
             min_replicas=min_replicas,
             strict=strict,
@@ -173,6 +185,33 @@ def make_command(  # noqa: PLR0917 - typer maps every option to a parameter
     )
     for note in plan.notes:
         typer.echo(f"note: {note}")
+
+
+def _check_against_bundle(
+    spec: BundleSpec,
+    activations: Path | None,
+    channels: int | None,
+    input_shape: str | None,
+    shape: tuple[int, int, int],
+) -> None:
+    if activations is not None:
+        raise ConfigError(
+            "a bundle fixes the partitions; activations cannot be used with it",
+            source="--activations",
+            fix="drop --activations (or --bundle)",
+        )
+    if channels is not None and channels != spec.channels:
+        raise ConfigError(
+            f"{channels} differs from the bundle's {spec.channels} teacher filters",
+            source="--channels",
+            fix="drop --channels when planning for a bundle",
+        )
+    if input_shape is not None and shape != spec.input_shape:
+        raise ConfigError(
+            f"{list(shape)} differs from the bundle's input shape {list(spec.input_shape)}",
+            source="--input-shape",
+            fix="drop --input-shape when planning for a bundle",
+        )
 
 
 def _load_activations(path: Path) -> npt.NDArray[np.float32]:

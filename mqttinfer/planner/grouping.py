@@ -245,3 +245,68 @@ def heuristic_groups(fleet: Fleet, epsilon: float, *, min_replicas: int = 1) -> 
 def singleton_groups(fleet: Fleet) -> Grouping:
     """NoNN / HetNoNN: every device alone (no replicas)."""
     return Grouping(tuple((index,) for index in range(len(fleet))))
+
+
+def fit_group_count(
+    fleet: Fleet, grouping: Grouping, k: int, epsilon: float, *, min_replicas: int = 1
+) -> Grouping:
+    """Reshape a grouping into exactly ``k`` groups (a bundle's partition count).
+
+    Too many groups: merge the two with the nearest centroids (merging only lowers failure
+    probabilities). Too few: split a group into two halves of similar capacity when both
+    halves still meet ε; PlanningError when no group can be split.
+    """
+    features = capacity_features(fleet)
+    outages = fleet.column("outage")
+    groups = [list(g) for g in grouping.groups]
+    notes = list(grouping.notes)
+    while len(groups) > k:
+        centroids = np.stack([features[g].mean(axis=0) for g in groups])
+        distance = np.linalg.norm(centroids[:, None, :] - centroids[None, :, :], axis=2)
+        np.fill_diagonal(distance, np.inf)
+        first, second = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        notes.append(
+            f"merged {_ids(fleet, groups[first])} and {_ids(fleet, groups[second])} to match "
+            f"the bundle's {k} partitions"
+        )
+        groups[first] = groups[first] + groups[second]
+        del groups[second]
+    while len(groups) < k:
+        split = _best_split(groups, features, outages, epsilon, min_replicas)
+        if split is None:
+            devices = tuple(fleet.ids)
+            raise PlanningError(
+                f"constraint (1f): the bundle has {k} partitions but these {len(fleet)} devices "
+                f"form only {len(groups)} groups with failure probability ≤ ε = {epsilon:g} "
+                f"(fix: raise ε, add devices, or train a bundle with --k {len(groups)})",
+                constraint="epsilon",
+                devices=devices,
+            )
+        index, left, right = split
+        notes.append(
+            f"split {_ids(fleet, groups[index])} into {_ids(fleet, left)} and "
+            f"{_ids(fleet, right)} to match the bundle's {k} partitions"
+        )
+        groups[index : index + 1] = [left, right]
+    ordered = sorted((tuple(sorted(g)) for g in groups), key=lambda g: g[0])
+    return Grouping(tuple(ordered), tuple(notes))
+
+
+def _best_split(
+    groups: list[list[int]],
+    features: FloatArray,
+    outages: FloatArray,
+    epsilon: float,
+    min_replicas: int,
+) -> tuple[int, list[int], list[int]] | None:
+    """The largest group that splits (in capacity order) into two reliable halves."""
+    for index in sorted(range(len(groups)), key=lambda i: -len(groups[i])):
+        members = sorted(groups[index], key=lambda m: tuple(features[m]))
+        for cut in sorted(range(1, len(members)), key=lambda c: abs(2 * c - len(members))):
+            left, right = members[:cut], members[cut:]
+            if not (
+                _is_short(left, outages, epsilon, min_replicas)
+                or _is_short(right, outages, epsilon, min_replicas)
+            ):
+                return index, left, right
+    return None

@@ -308,15 +308,23 @@ def _device_entry(device: Device) -> dict[str, Any]:
 
 
 def compact_quantity(value: float, kind: str) -> str | float | int:
-    """Shortest suffix spelling that parses back to exactly ``value`` (else the number)."""
+    """A suffix spelling that parses back to exactly ``value`` (else the plain number)."""
     unit = {"flops": "", "bytes": "B", "rate": "bit/s"}[kind]
     prefixes: list[tuple[str, float]] = [("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)]
     if kind == "bytes":
         prefixes = [("Ti", 2.0**40), ("Gi", 2.0**30), ("Mi", 2.0**20), ("Ki", 2.0**10), *prefixes]
-    for prefix, scale in prefixes:
-        scaled = value / scale
-        if scaled >= 1 and float(f"{scaled:.12g}") * scale == value:
-            return f"{scaled:.12g}{prefix}{unit}"
+    # Fewest significant digits wins (64MB, not 61.03515625MiB); ties go to the larger prefix.
+    spellings = [
+        (
+            len(f"{value / scale:.12g}".replace(".", "").lstrip("0")),
+            -scale,
+            f"{value / scale:.12g}{prefix}{unit}",
+        )
+        for prefix, scale in prefixes
+        if value / scale >= 1 and float(f"{value / scale:.12g}") * scale == value
+    ]
+    if spellings:
+        return min(spellings)[2]
     if kind == "bytes":
         return int(value)
     return float(value)

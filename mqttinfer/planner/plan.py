@@ -10,7 +10,7 @@
     delta: 0.3                       # capacity similarity threshold (null: not used)
     channels: 64                     # filters of the teacher's final conv
     input_shape: [1, 28, 28]
-    partitioning: contiguous         # contiguous | normalized-cut | louvain | proportional
+    partitioning: contiguous         # contiguous | normalized-cut | louvain | proportional | bundle
     activations: null                # the activations.npy the partitions came from, if any
     bundle: null                     # optional model bundle the students come from
     dropped_filters: []              # filters no partition covers (NoNN's P0), if any
@@ -37,6 +37,7 @@ naming the file, field and fix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 STRATEGIES = ("rocoin", "rocoin-g", "nonn", "hetnonn")
-PARTITIONINGS = ("contiguous", "normalized-cut", "louvain", "proportional")
+PARTITIONINGS = ("contiguous", "normalized-cut", "louvain", "proportional", "bundle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,10 +414,9 @@ def _parse_group(read: _Reader, raw: object, where: str) -> GroupPlan:
     group = read.mapping(raw, where, _GROUP_KEYS, _REQUIRED_GROUP)
     student_raw = read.mapping(group["student"], f"{where}.student", _STUDENT_KEYS, _STUDENT_KEYS)
     arch = read.text(student_raw["arch"], f"{where}.student.arch")
-    try:
+    # A bundle may bring an architecture the catalog does not know; then keep its name.
+    with contextlib.suppress(ConfigError):
         arch = parse_architecture(arch, source=read.source).name
-    except ConfigError as err:
-        raise read.fail(str(err), f"{where}.student.arch", "use a catalog architecture") from None
     student = Student(
         arch,
         read.integer(student_raw["params"], f"{where}.student.params", 1),

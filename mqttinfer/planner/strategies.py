@@ -15,6 +15,9 @@ hetnonn     one device each              ∝ device FLOP/s: sized Ncut   eq. (5)
 
 With an activation matrix (N×C) the partitions come from the filter activation network
 (:mod:`mqttinfer.partition`); without, from contiguous filter ranges of ``channels`` filters.
+With a bundle (:mod:`mqttinfer.planner.bundle_source`) its partitions, students and input
+shape are fixed: devices are grouped into exactly as many groups as it has partitions (nonn and
+hetnonn need one device per partition) and groups are matched to partitions by eq. (5).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy.typing as npt
 from mqttinfer import partition as partition_lib
 from mqttinfer.errors import PlanningError
 from mqttinfer.planner.assignment import Choice, largest_common_student, match
+from mqttinfer.planner.bundle_source import BundleSpec
 from mqttinfer.planner.catalog import (
     DEFAULT_CANDIDATES,
     DEFAULT_INPUT_SHAPE,
@@ -40,6 +44,7 @@ from mqttinfer.planner.grouping import (
     DEFAULT_DELTA,
     Grouping,
     check_epsilon,
+    fit_group_count,
     follow_the_leader,
     heuristic_groups,
     singleton_groups,
@@ -75,9 +80,16 @@ class PlanRequest:
     strict: bool = False
     seed: int = 0
     weights: npt.NDArray[np.float64] | None = field(default=None, repr=False)
+    bundle_spec: BundleSpec | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> InputShape:
+        return self.bundle_spec.input_shape if self.bundle_spec else self.input_shape
 
     @property
     def n_filters(self) -> int:
+        if self.bundle_spec is not None:
+            return self.bundle_spec.channels
         if self.activations is not None:
             return int(np.asarray(self.activations).shape[1])
         if self.channels is None:
@@ -101,6 +113,12 @@ def make_plan(request: PlanRequest) -> Plan:
             constraint="strategy",
         )
     check_epsilon(request.epsilon)
+    if request.bundle_spec is not None and request.activations is not None:
+        raise PlanningError(
+            "a bundle fixes the partitions, so activations cannot be used with it "
+            "(fix: drop --activations or --bundle)",
+            constraint="partitions",
+        )
     if request.channels is not None and request.activations is not None:
         columns = int(np.asarray(request.activations).shape[1])
         if columns != request.channels:
@@ -141,44 +159,73 @@ def plan_rocoin_g(request: PlanRequest) -> Plan:
 
 
 def _replicated_plan(request: PlanRequest, grouping: Grouping) -> Plan:
+    spec = request.bundle_spec
+    if spec is not None:
+        grouping = fit_group_count(
+            request.fleet,
+            grouping,
+            len(spec.partitions),
+            request.epsilon,
+            min_replicas=request.min_replicas,
+        )
     k = len(grouping.groups)
     _check_group_count(request, k)
-    if request.activations is not None:
+    if spec is not None:
+        parts: list[IdArray] = list(spec.partitions)
+        method = "bundle"
+    elif request.activations is not None:
         parts = partition_lib.normalized_cut(_weights(request), k, request.seed, balance=True)
         method = "normalized-cut"
     else:
-        sizes = partition_lib.proportional_sizes(request.n_filters, [1.0] * k)
-        parts = partition_lib.contiguous_partitions(request.n_filters, sizes)
+        parts = _contiguous(request.n_filters, [1.0] * k)
         method = "contiguous"
     pairs = match(
         request.fleet,
         grouping.groups,
         [part.size for part in parts],
         request.candidates,
-        request.input_shape,
+        request.shape,
         min_params_per_filter=request.min_params_per_filter,
+        fixed_costs=spec.students if spec else None,
     )
     return _build(request, grouping, parts, pairs, method)
+
+
+def _contiguous(n_filters: int, shares: Sequence[float]) -> list[IdArray]:
+    sizes = partition_lib.proportional_sizes(n_filters, shares)
+    return partition_lib.contiguous_partitions(n_filters, sizes)
 
 
 def plan_nonn(request: PlanRequest) -> Plan:
     grouping = singleton_groups(request.fleet)
     k = len(grouping.groups)
     _check_group_count(request, k)
+    spec = request.bundle_spec
+    if spec is not None:
+        _check_bundle_devices(request, spec)
+        parts: list[IdArray] = list(spec.partitions)
+        pairs = match(
+            request.fleet,
+            grouping.groups,
+            [part.size for part in parts],
+            request.candidates,
+            request.shape,
+            fixed_costs=spec.students,
+        )
+        return _build(request, grouping, parts, pairs, "bundle")
     if request.activations is not None:
         weights = _weights(request)
         communities = partition_lib.louvain_communities(weights, seed=request.seed)
         parts = partition_lib.merge_into_k(communities, k, weights)
         method = "louvain"
     else:
-        sizes = partition_lib.proportional_sizes(request.n_filters, [1.0] * k)
-        parts = partition_lib.contiguous_partitions(request.n_filters, sizes)
+        parts = _contiguous(request.n_filters, [1.0] * k)
         method = "contiguous"
     student = largest_common_student(
         request.fleet,
         max(part.size for part in parts),
         request.candidates,
-        request.input_shape,
+        request.shape,
         min_params_per_filter=request.min_params_per_filter,
     )
     pairs = [(index, _fixed_choice(student)) for index in range(k)]
@@ -189,7 +236,29 @@ def plan_hetnonn(request: PlanRequest) -> Plan:
     grouping = singleton_groups(request.fleet)
     k = len(grouping.groups)
     _check_group_count(request, k)
+    spec = request.bundle_spec
     flops = request.fleet.column("flops")
+    if spec is not None:
+        _check_bundle_devices(request, spec)
+        # The bundle fixes the partitions; the fastest devices take the largest ones.
+        parts: list[IdArray] = list(spec.partitions)
+        by_size = sorted(range(k), key=lambda i: (-parts[i].size, i))
+        by_speed = sorted(range(k), key=lambda i: (-flops[i], i))
+        order = [0] * k
+        for device, partition in zip(by_speed, by_size, strict=True):
+            order[device] = partition
+        parts = [parts[order[device]] for device in range(k)]
+        costs = [spec.students[order[device]] for device in range(k)]
+        pairs = match(
+            request.fleet,
+            grouping.groups,
+            [part.size for part in parts],
+            request.candidates,
+            request.shape,
+            use_km=False,
+            fixed_costs=costs,
+        )
+        return _build(request, grouping, parts, pairs, "bundle")
     sizes = partition_lib.proportional_sizes(request.n_filters, list(flops))
     if request.activations is not None:
         cut = partition_lib.normalized_cut(_weights(request), k, request.seed, sizes=sizes)
@@ -203,11 +272,23 @@ def plan_hetnonn(request: PlanRequest) -> Plan:
         grouping.groups,
         [part.size for part in parts],
         request.candidates,
-        request.input_shape,
+        request.shape,
         min_params_per_filter=request.min_params_per_filter,
         use_km=False,
     )
     return _build(request, grouping, parts, pairs, method)
+
+
+def _check_bundle_devices(request: PlanRequest, spec: BundleSpec) -> None:
+    if len(request.fleet) != len(spec.partitions):
+        raise PlanningError(
+            f"{request.strategy} runs one device per partition, but the bundle has "
+            f"{len(spec.partitions)} partitions and the fleet {len(request.fleet)} devices "
+            "(fix: use rocoin, which groups devices, or a bundle trained with "
+            f"--k {len(request.fleet)})",
+            constraint="partitions",
+            devices=request.fleet.ids,
+        )
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -267,8 +348,10 @@ def _build(
     groups: list[GroupPlan] = []
     for members, (partition, choice) in zip(grouping.groups, pairs, strict=True):
         filters = parts[partition]
-        # The same architecture costs slightly more or less with a different output width.
-        cost = student_cost(choice.cost.arch, request.input_shape, int(filters.size))
+        cost = choice.cost
+        if cost.output_channels != filters.size:
+            # NoNN's one architecture costs slightly more or less at another output width.
+            cost = student_cost(cost.arch, request.shape, int(filters.size))
         number = number_of[partition]
         groups.append(
             GroupPlan(
@@ -295,11 +378,12 @@ def _build(
         epsilon=request.epsilon,
         delta=request.delta if request.strategy == "rocoin" else None,
         channels=request.n_filters,
-        input_shape=request.input_shape,
+        input_shape=request.shape,
         groups=tuple(groups),
         deployment=request.deployment,
         partitioning=method,
         activations=request.activations_path,
-        bundle=request.bundle,
+        bundle=request.bundle_spec.path if request.bundle_spec else request.bundle,
+        dropped_filters=request.bundle_spec.dropped_filters if request.bundle_spec else (),
         notes=grouping.notes,
     )
