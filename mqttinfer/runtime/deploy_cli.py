@@ -21,7 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mqttinfer.bundle import Bundle
-from mqttinfer.errors import ConfigError, MqttInferError
+from mqttinfer.errors import BrokerError, ConfigError, MqttInferError
+from mqttinfer.planner.inventory import save_inventory
 from mqttinfer.planner.plan import Plan, load_plan
 from mqttinfer.runtime.bus import BrokerConfig, Bus
 from mqttinfer.runtime.plan_apply import (
@@ -35,8 +36,21 @@ from mqttinfer.runtime.plan_apply import (
     Progress,
     build_target,
 )
-from mqttinfer.topics import Topics, check_id
-from mqttinfer.units import format_bytes, parse_bytes
+from mqttinfer.runtime.profile import (
+    LinkSettings,
+    Profile,
+    available_memory,
+    build_profile,
+    bundle_model,
+    collect_profiles,
+    default_model,
+    measure_compute,
+    measure_link,
+    profiler_node,
+    publish_profile,
+)
+from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
+from mqttinfer.units import format_bit_rate, format_bytes, format_flops, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +117,10 @@ def apply(
             loaded, Bundle.load(_bundle_dir(bundle, loaded, plan)), deployment=deployment
         )
         settings = ApplySettings(
-            timeout_s=timeout, force=force, prune=prune, chunk_size=_chunk_size(chunk_size)
+            timeout_s=timeout,
+            force=force,
+            prune=prune,
+            chunk_size=_bytes(chunk_size, "--chunk-size"),
         )
         bus = Bus(
             BrokerConfig.from_url(broker),
@@ -137,16 +154,6 @@ def _bundle_dir(option: Path | None, plan: Plan, plan_path: Path) -> Path:
     named = Path(plan.bundle)
     beside_plan = plan_path.parent / named
     return named if named.is_absolute() or named.exists() else beside_plan
-
-
-def _chunk_size(text: str) -> int:
-    try:
-        size = parse_bytes(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc), field="--chunk-size", fix="write e.g. 256KiB") from exc
-    if size < 1:
-        raise ConfigError("must be at least 1 byte", field="--chunk-size", fix="e.g. 256KiB")
-    return size
 
 
 def _run_apply(bus: Bus, settings: ApplySettings, target: ApplyTarget, quiet: bool) -> ApplyReport:
@@ -214,6 +221,164 @@ devices_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@devices_app.callback()
+def _devices_group() -> None:
+    """Measure devices and collect the fleet's profiles into an inventory."""
+
+
+@devices_app.command("profile")
+def profile(
+    *,
+    node_id: Annotated[str, typer.Option("--id", help="The device's id (run this on the device).")],
+    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    deployment: Annotated[str, typer.Option(help="Deployment (topic prefix).")] = (
+        DEFAULT_DEPLOYMENT
+    ),
+    publish: Annotated[
+        bool, typer.Option(help="Retain the profile on profile/<id> for 'devices list'.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Time this bundle's largest student (default: the demo bundle if installed, "
+            "else a built-in 3x3-conv network)."
+        ),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads (as the device runs).")] = 1,
+    compute_seconds: Annotated[float, typer.Option(help="Seconds of timed inferences.")] = 2.0,
+    pings: Annotated[int, typer.Option(help="Pings through the broker (outage, RTT).")] = 20,
+    ping_timeout: Annotated[float, typer.Option(help="Seconds before a ping is lost.")] = 1.0,
+    burst: Annotated[str, typer.Option(help="Bytes echoed to measure the rate.")] = "1MiB",
+    label: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE label for the inventory (repeatable).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    """Measure this device's FLOP/s, free memory, link rate and outage (and publish them)."""
+    _setup_logging(log_level)
+    try:
+        device = check_id(node_id, "--id")
+        labels = _parse_labels(label or [])
+        link_settings = LinkSettings(
+            pings=max(1, pings), ping_timeout_s=ping_timeout, burst_bytes=_bytes(burst, "--burst")
+        )
+        model = bundle_model(bundle) if bundle is not None else default_model()
+        if model is None:
+            raise ConfigError(
+                "its bundle.json gives no MAC counts", source=str(bundle), fix="omit --bundle"
+            )
+        compute = measure_compute(model, threads=threads, budget_s=compute_seconds)
+        memory = available_memory()
+        bus = Bus(
+            BrokerConfig.from_url(broker),
+            node=profiler_node(device),
+            kind="profiler",
+            topics=Topics(deployment),
+        )
+        with bus:
+            if not bus.wait_connected(30):
+                raise BrokerError(f"could not connect to {bus.config.url} within 30 s")
+            link = measure_link(bus, link_settings)
+            result = build_profile(device, compute, memory, link, labels=labels, threads=threads)
+            if publish:
+                publish_profile(bus, result)
+    except MqttInferError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_output:
+        typer.echo(json.dumps(json.loads(result.encode()), indent=2))
+    else:
+        Console().print(_profile_table([result]))
+        if publish:
+            typer.echo(f"published on {Topics(deployment).profile(device)} (retained)")
+
+
+@devices_app.command("list")
+def list_devices(
+    *,
+    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    deployment: Annotated[str, typer.Option(help="Deployment (topic prefix).")] = (
+        DEFAULT_DEPLOYMENT
+    ),
+    out: Annotated[
+        Path | None, typer.Option(help="Write the planner's inventory (devices/<fleet>.yaml).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="Description line of the inventory.")] = "",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the profiles as JSON.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    node_id: Annotated[str, typer.Option("--id", help="This tool's node id.")] = "devices-list",
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    """Collect the profiles retained on profile/+ (and write them as an inventory)."""
+    _setup_logging(log_level)
+    try:
+        bus = Bus(
+            BrokerConfig.from_url(broker),
+            node=check_id(node_id, "--id"),
+            kind="monitor",
+            topics=Topics(deployment),
+        )
+        with bus:
+            profiles = collect_profiles(bus, timeout)
+        if profiles and out is not None:
+            if out.parent != Path():
+                out.parent.mkdir(parents=True, exist_ok=True)
+            save_inventory([p.inventory_device() for p in profiles], out, description)
+    except MqttInferError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_output:
+        typer.echo(json.dumps([json.loads(p.encode()) for p in profiles], indent=2))
+    elif profiles:
+        Console().print(_profile_table(profiles))
+    if not profiles:
+        typer.echo(f"no device profile is retained under {Topics(deployment).prefix}", err=True)
+        raise typer.Exit(1)
+    if out is not None and not json_output:
+        typer.echo(f"wrote {len(profiles)} devices to {out}")
+
+
+def _profile_table(profiles: list[Profile]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for column in ("device", "flops", "memory", "rate", "outage", "rtt p50", "measured with"):
+        table.add_column(column)
+    for p in profiles:
+        table.add_row(
+            p.device,
+            format_flops(p.flops),
+            format_bytes(p.memory),
+            format_bit_rate(p.rate),
+            f"{p.outage:.3g}",
+            f"{p.measured.get('rtt_ms_p50', '?')} ms",
+            str(p.measured.get("model", "?")),
+        )
+    return table
+
+
+def _parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r} is not KEY=VALUE", field="--label", fix="e.g. room=lab")
+        labels[key] = value
+    return labels
+
+
+def _bytes(text: str, option: str) -> int:
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field=option, fix="write e.g. 256KiB") from exc
+    if size < 1:
+        raise ConfigError("must be at least 1 byte", field=option, fix="e.g. 256KiB")
+    return size
+
 
 cli = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 plan_group = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
