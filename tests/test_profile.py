@@ -210,3 +210,11 @@ def test_profile_publishes_retained_json_and_list_writes_an_inventory(
         assert device.memory == profile.memory and device.rate == pytest.approx(profile.rate)
         assert device.outage == profile.outage
     assert fleet.by_id("cam-1").labels == {"room": "lab"}
+
+
+def test_every_profile_field_is_documented() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = text.split("## Device profiles", 1)[1].split("\n## ", 1)[0]
+    profile = json.loads(sample_profile().encode())
+    for key in [*profile, *profile["measured"]]:
+        assert f"`{key}`" in section, f"## Device profiles does not mention {key}"
