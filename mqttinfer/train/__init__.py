@@ -17,3 +17,11 @@ Stages (each a ``mqttinfer train`` command, all of them chained by ``train all``
 """
 
 from __future__ import annotations
+
+import os as _os
+
+# torch's OpenMP threads spin while waiting by default. On a shared machine (a 2-core build box
+# running other jobs) spinning threads fight over the cores and a training step can get ten
+# times slower; passive waiting costs a little when idle and saves a lot under load. This has
+# to be set before torch is first imported, which is why it lives in the package __init__.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
