@@ -62,13 +62,14 @@ def render_acl(deployment: str, identities: Iterable[Identity]) -> str:
         "# Anything not granted is refused: a refused publish is dropped, and a message a",
         "# client may not read is never delivered to it, whatever it subscribed to.",
         "",
-        "# Each node writes only its own partials, status, stats and profile, and reads",
-        "# its own plan (username = node id).",
+        "# Each node writes only its own partials, status, stats and profile, reads its own",
+        "# plan, and echoes to itself on its private probe topics (username = node id).",
         f"pattern write {prefix}/partials/+/%u",
         f"pattern readwrite {prefix}/status/%u",
         f"pattern write {prefix}/stats/%u",
         f"pattern readwrite {prefix}/profile/%u",
         f"pattern read {prefix}/plan/%u",
+        f"pattern readwrite {prefix}/probe/%u/#",
     ]
     for identity in identities:
         lines += ["", *_user_section(prefix, identity)]
@@ -111,7 +112,8 @@ def _user_section(prefix: str, identity: Identity) -> list[str]:
             f"topic read {prefix}/profile/+",
         ],
         "monitor": [
-            "# monitor: read-only (status, stats and the broker's own $SYS counters)",
+            "# monitor: reads status, stats and the broker's $SYS counters; publishes nothing",
+            "# (but its private probe echo)",
             f"topic deny {prefix}/partials/#",
             f"topic deny {prefix}/profile/#",
             f"topic deny {prefix}/plan/#",

@@ -18,6 +18,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +37,8 @@ from mqttinfer.broker_files import parse_env
 from mqttinfer.broker_init import InitOptions, InitReport, init_broker
 from mqttinfer.broker_tools import Pki
 from mqttinfer.runtime.local_broker import LocalBroker, find_mosquitto, free_port
+from mqttinfer.runtime.source import Source
+from tests.support.synthetic import SyntheticBundle, random_frames
 
 pytestmark = [
     pytest.mark.broker,
@@ -48,6 +51,7 @@ DEVICES = ("dev-a", "dev-b")
 SOURCES = ("cam1", "cam2")
 ADMIN = "admin"
 TIMEOUT_S = 10.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------ a broker
@@ -277,8 +281,16 @@ def full(suffixes: Sequence[str]) -> set[str]:
 # (allowed, forbidden) topic suffixes for each identity's publishes.
 WRITES: dict[str, tuple[list[str], list[str]]] = {
     "dev-a": (
-        ["partials/0/dev-a", "partials/3/dev-a", "status/dev-a", "stats/dev-a", "profile/dev-a"],
         [
+            "partials/0/dev-a",
+            "partials/3/dev-a",
+            "status/dev-a",
+            "stats/dev-a",
+            "profile/dev-a",
+            "probe/dev-a/barrier",
+        ],
+        [
+            "probe/dev-b/barrier",
             "partials/0/dev-b",
             "status/dev-b",
             "stats/dev-b",
@@ -295,6 +307,7 @@ WRITES: dict[str, tuple[list[str], list[str]]] = {
     "aggregator": (
         ["results/cam1", "results/cam2", "status/aggregator", "stats/aggregator"],
         [
+            "probe/dev-a/echo",
             "partials/0/aggregator",
             "partials/0/dev-a",
             "profile/aggregator",
@@ -317,7 +330,15 @@ WRITES: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "apply": (
-        ["plan/dev-a", "plan/dev-b", "models/abc", "models/abc/0", "status/apply", "stats/apply"],
+        [
+            "plan/dev-a",
+            "plan/dev-b",
+            "models/abc",
+            "models/abc/0",
+            "status/apply",
+            "stats/apply",
+            "probe/apply/barrier",
+        ],
         [
             "partials/0/apply",
             "profile/apply",
@@ -328,7 +349,7 @@ WRITES: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "monitor": (
-        [],
+        ["probe/monitor/barrier"],
         [
             "status/monitor",
             "stats/monitor",
@@ -389,6 +410,8 @@ TREE = [
     "models/abc/0",
     "profile/dev-a",
     "profile/dev-b",
+    "probe/dev-a/barrier",
+    "probe/apply/echo",
 ]
 # What each identity receives of one message on every topic of TREE.
 READS: dict[str, list[str]] = {
@@ -400,6 +423,7 @@ READS: dict[str, list[str]] = {
         "models/abc",
         "models/abc/0",
         "profile/dev-a",
+        "probe/dev-a/barrier",
     ],
     "dev-b": [
         "frames/cam1",
@@ -421,6 +445,7 @@ READS: dict[str, list[str]] = {
         *STATUSES,
         "profile/dev-a",
         "profile/dev-b",
+        "probe/apply/echo",
     ],
     "monitor": [s for s in STATUSES + STATS if not s.endswith("/monitor")],
 }
@@ -595,3 +620,94 @@ def test_with_client_certs_a_certificate_is_required(cert_broker: SecuredBroker)
     finally:
         without.close()
     assert reason is None or reason.is_failure
+
+
+# ------------------------------------------------------------------------------ real roles
+def _role_url(secured: SecuredBroker, identity: str) -> str:
+    """The broker URL a role process takes (credentials inline: these are test processes)."""
+    password = secured.passwords[identity]
+    return f"mqtts://{identity}:{password}@localhost:{secured.port}?ca={secured.ca}"
+
+
+def _write_plan(path: Path, bundle: SyntheticBundle) -> Path:
+    """Group k = device DEVICES[k] serves partition k of ``bundle`` (the planner's format)."""
+    sizes = [len(k) for k in bundle.kernels]
+    lines = [
+        "version: 1",
+        "name: security",
+        "strategy: rocoin",
+        f"deployment: {DEPLOYMENT}",
+        "epsilon: 0.05",
+        f"channels: {sum(sizes)}",
+        f"input_shape: {list(bundle.shape)}",
+        "groups:",
+    ]
+    for k, device in enumerate(DEVICES):
+        first = sum(sizes[:k])
+        lines += [
+            f"  - id: g{k}",
+            f"    partition: {k}",
+            f"    filters: {list(range(first, first + sizes[k]))}",
+            "    student: {arch: wrn-16-1, params: 100, macs: 1000, memory: 4096}",
+            f"    members: [{{device: {device}, outage: 0.1, latency_s: 0.05}}]",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_real_roles_work_within_their_permissions(
+    secured: SecuredBroker, synthetic_bundle: SyntheticBundle, tmp_path: Path
+) -> None:
+    """Devices without a role, the aggregator, plan apply and a source, each with its own
+    identity over TLS: the plan reaches the devices, and a frame gets a complete result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    python = [sys.executable, "-m"]
+    nodes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for device in DEVICES:
+            nodes[device] = subprocess.Popen(
+                [
+                    *python,
+                    *("mqttinfer.runtime.cli", "device", "run", "--id", device),
+                    *("--broker", _role_url(secured, device), "--deployment", DEPLOYMENT),
+                    *("--state-dir", str(tmp_path / device), "--log-level", "WARNING"),
+                ],
+                env=env,
+            )
+        nodes["aggregator"] = subprocess.Popen(
+            [
+                *python,
+                *("mqttinfer.runtime.aggregator_cli", "run", "--id", "aggregator"),
+                *("--broker", _role_url(secured, "aggregator"), "--deployment", DEPLOYMENT),
+                *("--bundle", str(synthetic_bundle.path), "--log-level", "WARNING"),
+            ],
+            env=env,
+        )
+        plan = _write_plan(tmp_path / "plan.yaml", synthetic_bundle)
+        applied = subprocess.run(
+            [
+                *python,
+                *("mqttinfer.runtime.deploy_cli", "plan", "apply", str(plan), "--json"),
+                *("--bundle", str(synthetic_bundle.path), "--id", "apply", "--timeout", "60"),
+                *("--broker", _role_url(secured, "apply"), "--chunk-size", "200"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        frame = random_frames(1, synthetic_bundle.shape)[0]
+        with Source(_role_url(secured, "cam1"), source_id="cam1", deployment=DEPLOYMENT) as cam:
+            result = None
+            for _ in range(20):  # the aggregator may still be learning who serves what
+                result = cam.infer(frame, timeout_s=5)
+                if not result.degraded:
+                    break
+            assert result is not None and not result.degraded, result
+    finally:
+        for proc in nodes.values():
+            proc.terminate()
+        for name, proc in nodes.items():
+            assert proc.wait(timeout=15) == 0, f"{name} did not stop cleanly"
