@@ -1,9 +1,15 @@
 """End-to-end fault injection: real Mosquitto, every device in its own process, real signals.
 
 One cluster for the module: 2 groups x 2 replicas (``a0``, ``a1`` serve partition 0; ``b0``,
-``b1`` partition 1) and an aggregator, on a broker this module starts with a 2 s keepalive, so
-the broker declares a vanished node dead after 3 s. Frames come from the real ``Source`` API.
-Each test leaves every node running again for the next one.
+``b1`` partition 1) and an aggregator, on a broker this module starts. Frames come from the real
+``Source`` API. Each test leaves every node running again for the next one.
+
+Keepalive: a killed process's sockets close at once, so the broker publishes its will at once;
+only a hung (SIGSTOPped) process waits for the keepalive. Mosquitto expires keepalives in
+whole-second buckets, one second after the bucket's end: the will comes 1.5 x keepalive plus 1-2 s
+after the node's last packet (measured here with a 2 s keepalive: 4.2 s idle, up to 6.8 s on a
+loaded machine, which would miss 2.5 x 2 s). With 4 s the bound of 2.5 x keepalive = 10 s holds
+the worst case of 8 s with room for noise.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import numpy as np
 import pytest
 
 from mqttinfer.errors import BrokerError
-from mqttinfer.runtime.bus import BrokerConfig
+from mqttinfer.protocol import Stats
+from mqttinfer.runtime.bus import BrokerConfig, Bus
 from mqttinfer.runtime.cluster import LOW_LATENCY_BROKER_CONFIG, DeviceSpec, LocalCluster
 from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.runtime.source import Result, Source
@@ -25,7 +32,7 @@ from tests.support.synthetic import SyntheticBundle, random_frames
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-KEEPALIVE_S = 2
+KEEPALIVE_S = 4
 GROUPS = {0: ("a0", "a1"), 1: ("b0", "b1")}
 DEVICES = [name for names in GROUPS.values() for name in names]
 # Frames are sent at this modest pace: the machine has two cores for seven processes.
@@ -164,15 +171,38 @@ def assert_logits_match(stream: Stream, bundle: SyntheticBundle) -> None:
 
 # Correctness ------------------------------------------------------------------------------------
 def test_distributed_logits_equal_the_ensemble(healthy: Env) -> None:
-    stream = Stream(healthy, 200, deadline_ms=2000, source_id="cam-ok")
-    stream.run()
-    stream.finish()
-    assert len(stream.results) == 200, stream.source.summary()
-    assert all(r.reason == "complete" and not r.degraded for r in stream.results.values())
-    assert_logits_match(stream, healthy.bundle)
-    # Every partition came from one of its replicas.
-    for result in stream.results.values():
-        assert result.contributors["0"] in GROUPS[0] and result.contributors["1"] in GROUPS[1]
+    stats: list[Stats] = []
+    watcher = Bus(
+        BrokerConfig.from_url(healthy.url),
+        node="stats-watch",
+        kind="monitor",
+        topics=healthy.cluster.topics,
+    )
+    watcher.subscribe(
+        healthy.cluster.topics.stats("aggregator"), lambda m: stats.append(Stats.decode(m.payload))
+    )
+    watcher.start()
+    try:
+        assert watcher.wait_connected(10)
+        stream = Stream(healthy, 200, deadline_ms=2000, source_id="cam-ok")
+        stream.run()
+        stream.finish()
+        assert len(stream.results) == 200, stream.source.summary()
+        assert all(r.reason == "complete" and not r.degraded for r in stream.results.values())
+        assert_logits_match(stream, healthy.bundle)
+        # Every partition came from one of its replicas.
+        for result in stream.results.values():
+            assert result.contributors["0"] in GROUPS[0] and result.contributors["1"] in GROUPS[1]
+        # The aggregator's stats count them, with rates and latency quantiles.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (stats and stats[-1].counters["complete"] >= 200):
+            time.sleep(0.1)
+        last = stats[-1]
+        assert last.kind == "aggregator" and last.counters["complete"] >= 200
+        assert last.counters["rejected"] == 0 and "complete_per_s" in last.gauges
+        assert last.latency_ms["e2e"].n > 0 and last.latency_ms["e2e"].p50 < 2000
+    finally:
+        watcher.stop()
 
 
 # One replica of every group crashes ---------------------------------------------------------------
