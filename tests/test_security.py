@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -711,3 +712,51 @@ def test_the_real_roles_work_within_their_permissions(
             proc.terminate()
         for name, proc in nodes.items():
             assert proc.wait(timeout=15) == 0, f"{name} did not stop cleanly"
+
+
+# ------------------------------------------------------------------------------ operations
+def test_adding_a_device_takes_init_force_and_a_reload() -> None:
+    """docs/operations.md: re-run broker init --force with the grown inventory, then SIGHUP
+    (systemctl reload mosquitto). The new device gets in, the removed one no longer does, and
+    everybody else keeps their password."""
+    base = _broker_readable_dir()
+    try:
+        running = start_secured_broker(base)
+        try:
+            fleet = base / "fleet.yaml"
+            spec = "flops: 1G, memory: 64MiB, rate: 10Mbit/s, outage: 0.1"
+            fleet.write_text(f"devices:\n  - {{id: dev-a, {spec}}}\n  - {{id: dev-c, {spec}}}\n")
+            report = init_broker(
+                InitOptions(
+                    fleet=fleet,
+                    out=running.report.out,
+                    deployment=DEPLOYMENT,
+                    tls=True,
+                    hostname="localhost",
+                    sources=SOURCES,
+                    port=running.port,
+                    local_port=running.local_port,
+                    force=True,
+                )
+            )
+            assert report.created == ("dev-c",)
+            new_password = parse_env(report.env_file("dev-c").read_text())["MQTTINFER_PASSWORD"]
+            proc = running.broker._proc  # LocalBroker has no public pid; this is its child
+            assert proc is not None
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + TIMEOUT_S
+            while not _accepted(running, "dev-c", new_password):  # reloads in its next pass
+                assert time.monotonic() < deadline, "dev-c is still refused after the reload"
+                time.sleep(0.1)
+            assert not _accepted(running, "dev-b", running.passwords["dev-b"])
+            assert _accepted(running, "dev-a", running.passwords["dev-a"])
+        finally:
+            running.broker.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _accepted(running: SecuredBroker, user: str, password: str) -> bool:
+    with Client(user, password, port=running.port, ca=running.ca) as client:
+        reason = client.connect()
+    return reason is not None and not reason.is_failure
