@@ -125,3 +125,21 @@ def test_experiment_writes_csv_and_png(tmp_path):
     assert len(rows) == 24
     assert (tmp_path / "fig7.png").read_bytes().startswith(b"\x89PNG")
     assert_clean_error(invoke("experiment", "fig9", "--out", str(tmp_path)), "fig7 or fig3")
+
+
+def test_missing_matplotlib_is_a_dependency_error(monkeypatch):
+    import builtins
+
+    from mqttinfer.errors import DependencyError
+    from mqttinfer.planner import experiments
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(DependencyError, match=r"pip install 'mqttinfer\[plots\]'"):
+        experiments.plot_fig7([], "unused.png")

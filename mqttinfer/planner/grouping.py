@@ -93,30 +93,52 @@ def follow_the_leader(
         raise PlanningError(f"δ = {delta!r} must be a non-negative distance", constraint="delta")
     features = capacity_features(fleet)
     outages = fleet.column("outage")
-    order = _leader_order(fleet)
-    unassigned = np.zeros(len(fleet), dtype=bool)
-    unassigned[order] = True
+    pool = _Pool(features)
     groups: list[list[int]] = []
-    for leader in order:
-        if not unassigned[leader]:
+    for leader in _leader_order(fleet):
+        if not pool.contains(leader):
             continue
-        unassigned[leader] = False
-        members = [int(leader)]
+        pool.remove(leader)
+        members = [leader]
         centroid = features[leader].copy()
         failing = float(outages[leader])
-        while (failing > epsilon or len(members) < min_replicas) and unassigned.any():
-            candidates = np.flatnonzero(unassigned)
-            distance = np.linalg.norm(features[candidates] - centroid, axis=1)
-            nearest = int(np.argmin(distance))
-            if distance[nearest] > delta:
+        while (failing > epsilon or len(members) < min_replicas) and pool.size:
+            chosen, distance = pool.nearest(centroid)
+            if distance > delta:
                 break
-            chosen = int(candidates[nearest])
-            unassigned[chosen] = False
+            pool.remove(chosen)
             members.append(chosen)
             failing *= float(outages[chosen])
             centroid = features[members].mean(axis=0)
         groups.append(members)
     return _repair(fleet, groups, features, epsilon, min_replicas, strict=strict)
+
+
+class _Pool:
+    """Unassigned devices in a compact array, so each nearest-device query is one O(n)
+    vectorised pass and a removal is O(1) (swap with the last)."""
+
+    def __init__(self, features: FloatArray) -> None:
+        self.features = features.copy()
+        self.ids = np.arange(features.shape[0])
+        self.position = np.arange(features.shape[0])
+        self.size = features.shape[0]
+
+    def contains(self, device: int) -> bool:
+        return bool(self.position[device] < self.size)
+
+    def nearest(self, point: FloatArray) -> tuple[int, float]:
+        squared = ((self.features[: self.size] - point) ** 2).sum(axis=1)
+        index = int(np.argmin(squared))
+        return int(self.ids[index]), math.sqrt(float(squared[index]))
+
+    def remove(self, device: int) -> None:
+        index, last = int(self.position[device]), self.size - 1
+        moved = int(self.ids[last])
+        self.ids[index], self.ids[last] = moved, device
+        self.features[[index, last]] = self.features[[last, index]]
+        self.position[moved], self.position[device] = index, last
+        self.size -= 1
 
 
 def _leader_order(fleet: Fleet) -> list[int]:

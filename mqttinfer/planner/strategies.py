@@ -51,7 +51,7 @@ from mqttinfer.planner.grouping import (
 )
 from mqttinfer.planner.inventory import Fleet
 from mqttinfer.planner.latency import device_latency
-from mqttinfer.planner.plan import GroupPlan, Member, Plan, Student
+from mqttinfer.planner.plan import GroupPlan, Member, Plan, Student, check_plan
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def make_plan(request: PlanRequest) -> Plan:
                 constraint="channels",
             )
     plan = strategy(request)
+    check_plan(plan, source=f"<{request.strategy} plan>")  # the strategies' own invariants
     log.info(
         "%s: %d groups over %d devices, predicted latency %.4g s, completion %.4g",
         request.strategy,
