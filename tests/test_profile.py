@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
+from mqttinfer.broker_files import Identity, render_acl
 from mqttinfer.errors import BrokerError, ProtocolError
 from mqttinfer.planner.inventory import load_inventory
 from mqttinfer.protocol import InputSpec
@@ -218,3 +221,30 @@ def test_every_profile_field_is_documented() -> None:
     profile = json.loads(sample_profile().encode())
     for key in [*profile, *profile["measured"]]:
         assert f"`{key}`" in section, f"## Device profiles does not mention {key}"
+
+
+@pytest.mark.broker
+def test_profile_runs_with_the_devices_identity_under_the_broker_acl(
+    deployment: str,
+) -> None:
+    # Mosquitto started as root reads its files as user 'mosquitto': a world-readable place.
+    where = Path(tempfile.mkdtemp(prefix="mqttinfer-profile-acl-"))
+    where.chmod(0o755)
+    acl = where / "acl"
+    acl.write_text(render_acl(deployment, [Identity("cam-1", "device")]))
+    acl.chmod(0o644)
+    with LocalBroker(extra_config=f"acl_file {acl}") as secured:
+        as_device = secured.url.replace("mqtt://", "mqtt://cam-1@")
+        done = run_cli(
+            "profile", "--id", "cam-1", "--broker", as_device, "--deployment", deployment,
+            "--publish", "--compute-seconds", "0.1", "--pings", "3", "--burst", "16KiB",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        reader = make_bus(secured.url.replace("mqtt://", "mqtt://cam-1@"), deployment, "cam-1")
+        with reader:
+            assert reader.wait_connected(10)
+            snapshot = retained_snapshot(
+                reader, [Topics(deployment).profile("cam-1")], BrokerBarrier(reader), 10
+            )
+    shutil.rmtree(where)
+    assert Profile.decode(snapshot[Topics(deployment).profile("cam-1")]).device == "cam-1"

@@ -281,7 +281,7 @@ def profile(
         with bus:
             if not bus.wait_connected(30):
                 raise BrokerError(f"could not connect to {bus.config.url} within 30 s")
-            link = measure_link(bus, link_settings)
+            link = measure_link(bus, link_settings, owner=device)
             result = build_profile(device, compute, memory, link, labels=labels, threads=threads)
             if publish:
                 publish_profile(bus, result)

@@ -395,12 +395,15 @@ class _Echoes:
             return True
 
 
-def measure_link(bus: Bus, settings: LinkSettings = LinkSettings()) -> LinkResult:
-    """Ping, then a burst, through the broker on ``probe/<node>/echo`` (bus must be connected)."""
-    topic = f"{probe_topic(bus.topics, bus.node)}/echo"
+def measure_link(
+    bus: Bus, settings: LinkSettings = LinkSettings(), *, owner: str | None = None
+) -> LinkResult:
+    """Ping, then a burst, through the broker on ``probe/<owner>/echo`` (``owner``: the device
+    being profiled, default the bus's node; the bus must be connected)."""
+    topic = f"{probe_topic(bus.topics, owner or bus.node)}/echo"
     echoes = _Echoes()
     bus.subscribe(topic, echoes, qos=PROFILE_QOS)
-    BrokerBarrier(bus).sync(settings.ping_timeout_s * 10)  # the subscription is in place
+    BrokerBarrier(bus, owner).sync(settings.ping_timeout_s * 10)  # the subscription is in place
     rtts: list[float] = []
     lost = 0
     for seq in range(settings.pings):
@@ -488,7 +491,11 @@ def _significant(value: float, digits: int = 3) -> float:
 
 
 def profiler_node(device: str) -> str:
-    """The profiler's own node id: never the device's, whose status it must not overwrite."""
+    """The profiler's own node id: never the device's, whose status it must not overwrite.
+
+    Under a broker ACL the profiler runs with the device's identity: its probe topics are the
+    device's (``probe/<device>/…``), and its own status is simply refused by the broker.
+    """
     return f"{device[:55]}.profiler"
 
 
@@ -497,7 +504,7 @@ def publish_profile(bus: Bus, profile: Profile, timeout_s: float = 10.0) -> None
     topic = bus.topics.profile(profile.device)
     if not bus.publish(topic, profile.encode(), qos=PROFILE_QOS, retain=True):
         raise BrokerError(f"could not publish the profile on {topic}")
-    BrokerBarrier(bus).sync(timeout_s)
+    BrokerBarrier(bus, profile.device).sync(timeout_s)
 
 
 def collect_profiles(bus: Bus, timeout_s: float = 10.0) -> list[Profile]:

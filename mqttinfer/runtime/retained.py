@@ -37,11 +37,16 @@ def probe_topic(topics: Topics, node: str) -> str:
 
 
 class BrokerBarrier:
-    """``sync()`` returns once the broker has handled everything this bus sent before it."""
+    """``sync()`` returns once the broker has handled everything this bus sent before it.
 
-    def __init__(self, bus: Bus) -> None:
+    ``owner`` names the probe topic (default: the bus's node): a tool that connects with
+    another node's identity (``devices profile`` uses the device's) echoes under that identity,
+    the only probe topic a broker ACL lets it use.
+    """
+
+    def __init__(self, bus: Bus, owner: str | None = None) -> None:
         self.bus = bus
-        self.topic = f"{probe_topic(bus.topics, bus.node)}/barrier"
+        self.topic = f"{probe_topic(bus.topics, owner or bus.node)}/barrier"
         self._cond = threading.Condition()
         self._seen: set[bytes] = set()
         self._subscribed = False
