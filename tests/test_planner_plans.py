@@ -28,7 +28,6 @@ from mqttinfer.planner.plan import (
 from mqttinfer.planner.simulate import simulate_plan, survives_single_failures
 from mqttinfer.planner.strategies import PlanRequest, make_plan
 from mqttinfer.planner.synthetic import heterogeneous_fleet
-from tests.support.synthetic import build_synthetic_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "devices" / "example-fleet.yaml"
@@ -190,6 +189,9 @@ def test_memory_infeasible_fleet():
 
 
 def test_plan_for_a_bundle_takes_its_partitions_and_students(tmp_path):
+    pytest.importorskip("onnx")
+    from tests.support.synthetic import build_synthetic_bundle
+
     build_synthetic_bundle(tmp_path / "b", partition_sizes=(6, 5, 5), shape=(1, 8, 8))
     spec = load_bundle_spec(tmp_path / "b")
     fleet = load_inventory(EXAMPLE)
