@@ -143,3 +143,9 @@ def test_missing_matplotlib_is_a_dependency_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(DependencyError, match=r"pip install 'mqttinfer\[plots\]'"):
         experiments.plot_fig7([], "unused.png")
+
+
+def test_show_prints_notes_verbatim():
+    shown = invoke("show", str(REPO / "plans" / "heterogeneous-20.yaml"))
+    assert shown.exit_code == 0
+    assert "note: merged [node-" in shown.output  # brackets are not eaten as rich markup

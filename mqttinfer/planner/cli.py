@@ -258,6 +258,7 @@ def show_command(
 
 def _print_plan(plan: Plan, source: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -266,8 +267,10 @@ def _print_plan(plan: Plan, source: str) -> None:
         console = Console(width=160)
     predicted = plan.predicted
     table = Table(
-        title=f"{source}: {plan.strategy}, ε = {plan.epsilon:g}, {plan.channels} filters, "
-        f"deployment {plan.deployment}"
+        title=escape(
+            f"{source}: {plan.strategy}, ε = {plan.epsilon:g}, {plan.channels} filters, "
+            f"deployment {plan.deployment}"
+        )
     )
     for header in (
         "group",
@@ -306,9 +309,10 @@ def _print_plan(plan: Plan, source: str) -> None:
     )
     fragile = single_points_of_failure(plan)
     if fragile:
-        console.print(f"single points of failure: {', '.join(fragile)}")
+        console.print(f"single points of failure: {', '.join(fragile)}", markup=False)
     for note in plan.notes:
-        console.print(f"note: {note}")
+        # Notes list devices in [brackets], which rich would take for markup.
+        console.print(f"note: {note}", markup=False)
 
 
 # --------------------------------------------------------------------------- simulate
