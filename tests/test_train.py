@@ -173,6 +173,20 @@ def test_louvain_stage_drops_p0_only_when_accuracy_allows() -> None:
     assert costly["p0_check"]["removed"] is False
 
 
+def test_partitions_and_students_from_a_planner_plan(tmp_path: Path) -> None:
+    from mqttinfer.train.partitioning import partition_from_plan
+
+    plan = ROOT / "plans" / "example.yaml"
+    if not plan.is_file():
+        pytest.skip("plans/example.yaml not in this checkout")
+    document, archs = partition_from_plan(plan, 64)
+    assert len(document["partitions"]) == len(archs) == 3
+    assert sorted(f for p in document["partitions"] for f in p) == list(range(64))
+    assert document["student_archs"] == archs
+    with pytest.raises(ConfigError, match="--channels"):
+        partition_from_plan(plan, 128)
+
+
 # ------------------------------------------------------------------ torch parts
 
 

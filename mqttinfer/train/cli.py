@@ -128,6 +128,14 @@ ProgressOpt = Annotated[
     bool | None,
     typer.Option("--progress/--no-progress", help="Progress bars [default: when on a terminal]."),
 ]
+PlanOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plan",
+        help="Take the partitions and per-partition student architectures from a planner "
+        "plan (plans/<name>.yaml) instead of cutting the filter network.",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", help="torch CPU threads [default: $MQTTINFER_TRAIN_THREADS or 2]."),
@@ -264,6 +272,7 @@ def partition(
     epsilon: EpsilonOpt = None,
     seed: SeedOpt = None,
     data_dir: DataDirOpt = None,
+    plan: PlanOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Cut the filter activation network into K partitions: <run-dir>/partition.json."""
@@ -288,7 +297,7 @@ def partition(
         },
     )
     setup_torch(threads)
-    document = stage_partition(_run_dir(run_dir, config), config, data_dir)
+    document = stage_partition(_run_dir(run_dir, config), config, data_dir, plan)
     typer.echo(
         f"{len(document['partitions'])} partitions, sizes {document['sizes']}, "
         f"removed {len(document['removed'])} filters, ncut {document['ncut']:.4f}"
@@ -341,7 +350,10 @@ def students(
     }
     base = _config(preset, {"export": {"name": name}})
     directory = _run_dir(run_dir, base)
-    sections["partition"] = {"k": len(load_partition(directory)["partitions"])}
+    document = load_partition(directory)
+    sections["partition"] = {"k": len(document["partitions"])}
+    if arch is None and document.get("student_archs"):
+        sections["students"]["archs"] = ",".join(document["student_archs"])
     config = _config(preset, sections)
     setup_torch(threads)
     with progress_bar(progress) as bar:
@@ -421,13 +433,20 @@ def all_stages(
     teacher_onnx: TeacherOnnxOpt = None,
     with_activations: ActsOpt = None,
     max_bundle_mb: MaxMbOpt = None,
+    plan: PlanOpt = None,
     resume: ResumeOpt = True,
     progress: ProgressOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """teacher → activations → partition → students → export, in one go (resumable)."""
     _setup()
+    from mqttinfer.train.partitioning import partition_from_plan
     from mqttinfer.train.pipeline import run_all
+
+    if plan is not None:
+        planned, planned_archs = partition_from_plan(plan)
+        k = len(planned["partitions"])
+        student_arch = student_arch or ",".join(planned_archs)
 
     config = _config(
         preset,
@@ -488,6 +507,7 @@ def all_stages(
         resume=resume,
         show_progress=progress,
         threads=threads,
+        plan=plan,
     )
     _summary(meta, bundle_dir)
 

@@ -134,3 +134,62 @@ def load_partition(run_dir: Path) -> dict[str, Any]:
             "not a partition file", source=str(path), fix="re-run 'mqttinfer train partition'"
         )
     return document
+
+
+def partition_from_plan(
+    plan_path: Path, channels: int | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Take the partitions (and per-partition student architectures) from a planner plan.
+
+    Returns the ``partition.json`` document and the student architecture of each partition,
+    in partition order. Several groups may serve one partition (replicas); they must agree.
+    ``channels`` (the teacher's final-conv filters) is checked against the plan when given.
+    """
+    from mqttinfer.planner.plan import load_plan
+
+    plan = load_plan(plan_path)
+    source = str(plan_path)
+    if channels is not None and plan.channels != channels:
+        raise ConfigError(
+            f"the plan is for {plan.channels} filters, the teacher has {channels}",
+            source=source,
+            field="channels",
+            fix="make the plan with --channels matching the teacher",
+        )
+    by_partition: dict[int, tuple[list[int], str]] = {}
+    for group in plan.groups:
+        entry = ([int(f) for f in group.filters], group.student.arch)
+        if by_partition.setdefault(group.partition, entry)[0] != entry[0]:
+            raise ConfigError(
+                f"two groups give partition {group.partition} different filters",
+                source=source,
+                field="groups",
+            )
+    if sorted(by_partition) != list(range(len(by_partition))):
+        raise ConfigError(
+            f"partition ids {sorted(by_partition)} are not 0..K-1", source=source, field="groups"
+        )
+    lists = [by_partition[k][0] for k in range(len(by_partition))]
+    removed = [int(f) for f in plan.dropped_filters]
+    _check_cover(lists, removed, plan.channels)
+    archs = [by_partition[k][1] for k in range(len(by_partition))]
+    document = {
+        "format": "mqttinfer-partition",
+        "version": 1,
+        "student_archs": archs,
+        "config": {
+            "method": "plan",
+            "plan": source,
+            "strategy": plan.strategy,
+            "partitioning": plan.partitioning,
+            "k": len(lists),
+        },
+        "channels": plan.channels,
+        "images": 0,
+        "partitions": lists,
+        "sizes": [len(p) for p in lists],
+        "removed": removed,
+        "p0_check": None,
+        "ncut": None,
+    }
+    return document, archs

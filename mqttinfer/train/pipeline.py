@@ -23,7 +23,12 @@ from mqttinfer.train.activations import ACTIVATIONS_FILE, compute_activations, s
 from mqttinfer.train.config import PipelineConfig
 from mqttinfer.train.engine import load_checkpoint, progress_bar, setup_torch
 from mqttinfer.train.export import export_bundle
-from mqttinfer.train.partitioning import load_partition, plan_partitions, save_partition
+from mqttinfer.train.partitioning import (
+    load_partition,
+    partition_from_plan,
+    plan_partitions,
+    save_partition,
+)
 from mqttinfer.train.students import load_students, train_students
 from mqttinfer.train.teacher import (
     TEACHER_FILE,
@@ -59,8 +64,17 @@ def stage_activations(run_dir: Path, data_dir: str | None = None) -> Path:
 
 
 def stage_partition(
-    run_dir: Path, config: PipelineConfig, data_dir: str | None = None
+    run_dir: Path,
+    config: PipelineConfig,
+    data_dir: str | None = None,
+    plan: Path | None = None,
 ) -> dict[str, Any]:
+    """Cut the filters (or take the partitions of a planner ``plan``): partition.json."""
+    if plan is not None:
+        channels = int(load_teacher(run_dir)["final_channels"])
+        document, _ = partition_from_plan(plan, channels)
+        save_partition(run_dir, document)
+        return document
     acts_path = run_dir / ACTIVATIONS_FILE
     if not acts_path.is_file():
         raise ConfigError(
@@ -129,6 +143,7 @@ def run_all(
     resume: bool = True,
     show_progress: bool | None = None,
     threads: int | None = None,
+    plan: Path | None = None,
 ) -> dict[str, Any]:
     """Run every stage; return the exported bundle.json (with per-stage timings)."""
     setup_torch(threads)
@@ -148,13 +163,14 @@ def run_all(
         mark = timed("teacher", mark)
         stage_activations(run_dir, data_dir)
         mark = timed("activations", mark)
-        stage_partition(run_dir, config, data_dir)
+        stage_partition(run_dir, config, data_dir, plan)
         mark = timed("partition", mark)
         stage_students(run_dir, config, progress, resume, data_dir)
         mark = timed("students", mark)
     training = {
         "command": " ".join(["mqttinfer", *sys.argv[1:]]) if sys.argv else None,
         "preset": preset,
+        "plan": str(plan) if plan is not None else None,
         "config": dataclasses.asdict(config),
         "timings_s": timings,
     }
