@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -162,6 +163,34 @@ def test_bdseq_grows_and_subscriptions_return_after_a_broker_restart(
         )
     births = [s.bdseq for s in statuses.statuses("dev1") if s.state == "online"]
     assert births == sorted(births) and len(set(births)) == len(births)
+
+
+def test_an_unacknowledged_old_birth_is_not_resent_after_the_new_one(
+    fresh_broker: LocalBroker, deployment: str
+) -> None:
+    device = make_bus(fresh_broker.url, deployment, "dev1")
+    with device:
+        assert device.wait_connected(10)
+        broker_pid = fresh_broker._proc.pid  # type: ignore[union-attr]
+        os.kill(broker_pid, signal.SIGSTOP)  # the broker hangs: the next birth is never acked
+        device.update_status(serving="loading")
+        device.publish(Topics(deployment).result("cam"), b"unacked result", qos=1, retain=True)
+        time.sleep(0.2)
+        fresh_broker.kill()
+        fresh_broker.start()
+        watcher = make_bus(fresh_broker.url, deployment, "w", kind="monitor")
+        results = Inbox()
+        watcher.subscribe(Topics(deployment).all_results, results, qos=1)
+        with watcher:
+            assert device.wait_connected(20) and watcher.wait_connected(10)
+            time.sleep(0.5)  # any re-sent message has arrived by now
+            retained = retained_status(fresh_broker.url, deployment, "dev1")
+            assert retained.bdseq == device.bdseq  # not the birth of the crashed connection
+            assert retained.serving == "loading"
+            # Other unacknowledged messages are still delivered once the broker is back.
+            assert results.wait(
+                lambda: [m.payload for m in results.messages] == [b"unacked result"]
+            )
 
 
 def test_oversized_publish_is_refused_and_counted(deployment: str) -> None:

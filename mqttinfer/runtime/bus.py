@@ -247,6 +247,10 @@ class Bus:
         self._subs: dict[str, _Subscription] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
+        # Set once the subscriptions sent on connect are acknowledged (SUBACK).
+        self._subscribed = threading.Event()
+        self._pending_suback: int | None = None
+        self._state_changed = threading.Condition()
         self._broker_max_packet: int | None = None
         self._started = False
         self._stopping = False
@@ -346,7 +350,12 @@ class Bus:
         self._start_client(self._client)
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
+        """True once connected *and* the broker acknowledged every subscription made so far,
+        so messages other clients publish from then on are delivered."""
+        with self._state_changed:
+            return self._state_changed.wait_for(
+                lambda: self._connected.is_set() and self._subscribed.is_set(), timeout_s
+            )
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Publish ``offline`` (clean) if connected, disconnect, and stop the network thread."""
@@ -393,6 +402,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = _disable_nagle
         with self._lock:
             for topic_filter in self._subs:
@@ -515,11 +525,18 @@ class Bus:
         self.counters.inc("connects")
         if self.counters["connects"] > 1:
             self.counters.inc("reconnects")
-        self._connected.set()
         with self._lock:
             filters = [(topic_filter, sub.qos) for topic_filter, sub in self._subs.items()]
+        self._subscribed.clear()
         if filters:
-            client.subscribe(filters)
+            # Before `connected` is set: whatever callers publish next reaches the broker after
+            # this SUBSCRIBE, so a node sees its own messages and replies to them.
+            _rc, self._pending_suback = client.subscribe(filters)
+        else:
+            self._subscribed.set()
+        self._connected.set()
+        self._notify_state()
+        self._requeue_unacknowledged(client)
         self._publish_birth()
         log.info(
             "%s %s connected to %s (MQTT %s, bdseq %d)",
@@ -530,6 +547,20 @@ class Bus:
             self.bdseq,
         )
         self._notify(True)
+
+    def _requeue_unacknowledged(self, client: mqtt.Client) -> None:
+        """Drop status messages the last connection left unacknowledged; re-send the rest.
+
+        paho re-sends unacknowledged QoS 1 messages after a reconnect, *after* whatever
+        on_connect publishes: an old birth would land after the new one and stay retained
+        with a stale bdseq (seen when the broker crashed right after a birth).
+        """
+        for message in client.drop_out_messages():
+            if message.topic == self.status_topic:
+                continue
+            info = client.publish(message.topic, message.payload, message.qos, message.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                self.counters.inc("publish_failed")
 
     def _on_refused(self, client: mqtt.Client, reason: ReasonCode) -> None:
         # Counted as a connect failure by _on_disconnect, which paho calls next.
@@ -558,6 +589,21 @@ class Bus:
             client = self._client
         self._start_client(client)
 
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.error("%s %s: broker refused subscriptions: %s", self.kind, self.node, refused)
+        if mid == self._pending_suback:
+            self._subscribed.set()
+            self._notify_state()
+
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
         self.counters.inc("connect_failures")
         log.debug("%s %s cannot reach %s; retrying", self.kind, self.node, self.config.url)
@@ -581,6 +627,10 @@ class Bus:
         if not self._stopping:
             log.warning("%s %s lost its broker connection: %s", self.kind, self.node, reason)
         self._notify(False)
+
+    def _notify_state(self) -> None:
+        with self._state_changed:
+            self._state_changed.notify_all()
 
     def _notify(self, connected: bool) -> None:
         with self._lock:
