@@ -10,6 +10,7 @@ the exact latency prediction. Prints the median of ``--repeat`` runs. Targets: <
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -23,16 +24,21 @@ from mqttinfer.planner.synthetic import heterogeneous_fleet
 TARGET_S = {1_000: 1.0, 10_000: 10.0}
 
 
-def time_plan(request: PlanRequest, repeat: int) -> tuple[float, int]:
-    """Median wall time of ``repeat`` plans, and the number of groups."""
-    times = []
+def time_plan(request: PlanRequest, repeat: int) -> tuple[float, float, int]:
+    """Median wall and CPU time of ``repeat`` plans, and the number of groups.
+
+    CPU time is reported too because the development machine is shared: wall time grows with
+    other people's load, this process's CPU time much less.
+    """
+    walls, cpus = [], []
     groups = 0
     for _ in range(repeat):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         plan = make_plan(request)
-        times.append(time.perf_counter() - start)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
         groups = len(plan.groups)
-    return statistics.median(times), groups
+    return statistics.median(walls), statistics.median(cpus), groups
 
 
 def main() -> None:
@@ -44,15 +50,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}")
-    print(f"{'devices':>8} {'strategy':>9} {'groups':>7} {'median s':>9} {'target s':>9}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {os.cpu_count()} CPUs, load average {load:.2f} at start")
+    print(
+        f"{'devices':>8} {'strategy':>9} {'groups':>7} {'wall s':>8} {'cpu s':>8} {'target s':>9}"
+    )
     for count in args.devices:
         fleet = heterogeneous_fleet(count, 5, np.random.default_rng(args.seed))
         for strategy in args.strategies:
             request = PlanRequest(fleet, strategy, 0.05, channels=args.channels)
-            seconds, groups = time_plan(request, args.repeat)
+            wall, cpu, groups = time_plan(request, args.repeat)
             target = TARGET_S.get(count)
             shown = f"{target:9.1f}" if target else f"{'-':>9}"
-            print(f"{count:>8} {strategy:>9} {groups:>7} {seconds:>9.3f} {shown}")
+            print(f"{count:>8} {strategy:>9} {groups:>7} {wall:>8.3f} {cpu:>8.3f} {shown}")
 
 
 if __name__ == "__main__":
