@@ -35,6 +35,7 @@ from mqttinfer.runtime.roles import (
 )
 from mqttinfer.runtime.source import Source, format_report, stream
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
+from mqttinfer.units import parse_bit_rate
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ def device_run(
         float,
         typer.Option(help="EMULATION: sleep (F-1) x compute after each inference (F >= 1)."),
     ] = 1.0,
+    link_rate: Annotated[
+        str | None,
+        typer.Option(
+            help="EMULATION: a slow uplink; sleep 8 x partial bytes / RATE before each publish "
+            "(bit/s; suffixes as in inventories: 250kbit/s, 2Mbit/s)."
+        ),
+    ] = None,
     state_dir: Annotated[
         Path | None,
         typer.Option(
@@ -114,6 +122,7 @@ def device_run(
             queue_size=queue_size,
             stats_interval_s=stats_interval,
             slowdown=slowdown,
+            link_rate_bps=None if link_rate is None else parse_bit_rate(link_rate),
         )
         provider = _role_provider(settings, role, bundle, partition, group) or PlanRoleProvider(
             node_id,

@@ -58,13 +58,16 @@ class DeviceSpec:
     """One device process: which partition it serves, in which group, with which extra args.
 
     ``slowdown`` > 1 adds ``--slowdown`` (emulated heterogeneity: the device sleeps
-    ``(slowdown - 1) x`` its compute time after each inference).
+    ``(slowdown - 1) x`` its compute time after each inference); ``link_rate`` (bit/s) adds
+    ``--link-rate`` (an emulated slow uplink: it sleeps 8 x partial bytes / rate before each
+    publish).
     """
 
     id: str
     partition: int
     group: str | None = None
     slowdown: float = 1.0
+    link_rate: float | None = None
     extra_args: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
@@ -72,6 +75,8 @@ class DeviceSpec:
         out += ["--group", self.group or f"g{self.partition}"]
         if self.slowdown != 1.0:
             out += ["--slowdown", str(self.slowdown)]
+        if self.link_rate is not None:
+            out += ["--link-rate", repr(float(self.link_rate))]
         return out + list(self.extra_args)
 
 

@@ -19,7 +19,10 @@ idempotent, e.g. a QoS 1 redelivery), runs the student and publishes the partial
 
 ``slowdown`` emulates a slower device for experiments on one machine: after each inference
 the worker sleeps ``(slowdown - 1) x compute time``, and the reported ``compute_ms`` includes
-that sleep. It is emulation, not a measurement of real hardware.
+that sleep. ``link_rate_bps`` emulates a slow uplink the same way: before publishing a partial
+the worker sleeps ``8 x payload bytes / rate`` (the time to serialise it onto such a link);
+that sleep is not compute, so on the aggregator's side it shows up as transport. Both are
+emulation, not measurements of real hardware.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class DeviceSettings:
     queue_size: int = 16
     stats_interval_s: float = 2.0
     slowdown: float = 1.0
+    link_rate_bps: float | None = None
     remember_answered: int = 4096
     frame_qos: int = 0
     partial_qos: int = 0
@@ -84,6 +88,8 @@ class DeviceSettings:
     def __post_init__(self) -> None:
         if self.slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if self.link_rate_bps is not None and not self.link_rate_bps > 0:
+            raise ValueError(f"link_rate_bps must be positive, got {self.link_rate_bps}")
         if self.queue_size < 1 or self.remember_answered < 1 or self.stats_interval_s <= 0:
             raise ValueError("queue_size, remember_answered and stats_interval_s must be positive")
 
@@ -277,7 +283,10 @@ class Device:
             plan_version=current.role.plan_version,
         )
         topic = self.topics.partial(current.role.partition, self.settings.node)
-        if self.bus.publish(topic, partial.encode(), qos=self.settings.partial_qos):
+        payload = partial.encode()
+        if self.settings.link_rate_bps is not None:
+            time.sleep(8.0 * len(payload) / self.settings.link_rate_bps)
+        if self.bus.publish(topic, payload, qos=self.settings.partial_qos):
             self.counters.inc("answered")
             self._remember(key)
         else:
