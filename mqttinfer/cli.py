@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from mqttinfer import __version__
+from mqttinfer.demo import demo
+from mqttinfer.runtime.monitor import monitor
 
 app = typer.Typer(
     name="mqttinfer",
@@ -18,6 +20,10 @@ app = typer.Typer(
 def version() -> None:
     """Print the mqttinfer version."""
     typer.echo(__version__)
+
+
+app.command("demo")(demo)
+app.command("monitor")(monitor)
 
 
 def main() -> None:
