@@ -44,17 +44,18 @@ def test_runtime_modules_do_not_load_torch_or_onnx() -> None:
     assert json.loads(done.stdout) == []
 
 
-def test_the_probe_would_notice_torch() -> None:
-    """The check above can fail: importing torch is seen (when the train extra is installed)."""
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed (train extra)")
+def test_the_probe_notices_a_forbidden_import() -> None:
+    """The check above can fail: a module that imports onnx is seen (onnx is cheaper than
+    torch to import, and the probe treats both alike)."""
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx is not installed (dev extra)")
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, "mqttinfer.runtime.device", "torch"],
+        [sys.executable, "-c", PROBE, "mqttinfer.runtime.device", "onnx.helper"],
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "torch" in json.loads(done.stdout)
+    assert "onnx" in json.loads(done.stdout)
