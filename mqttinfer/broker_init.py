@@ -206,8 +206,11 @@ class InitReport:
         return self.out / "mosquitto.conf"
 
     def env_file(self, name: str) -> Path:
-        identity = next(i for i in self.identities if i.name == name)
-        return self.out / "credentials" / f"{identity.stem}.env"
+        """The credentials file of identity ``name`` (KeyError when there is none)."""
+        for identity in self.identities:
+            if identity.name == name:
+                return self.out / "credentials" / f"{identity.stem}.env"
+        raise KeyError(name)
 
 
 def init_broker(options: InitOptions) -> InitReport:
