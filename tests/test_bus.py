@@ -435,3 +435,33 @@ def test_tls_with_client_certificate_against_mosquitto(tls_files: Path, deployme
             assert not anonymous.wait_connected(2)
         assert anonymous.counters["connect_failures"] >= 1
         assert tls_broker.running
+
+
+def test_username_and_password_from_the_url(deployment: str) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="mqttinfer-pw-"))
+    try:
+        folder.chmod(0o755)  # mosquitto started as root reads it as user 'mosquitto'
+        passwords = folder / "passwords"
+        subprocess.run(
+            ["mosquitto_passwd", "-c", "-b", str(passwords), "dev1", "s3cret:/@"],
+            check=True,
+            capture_output=True,
+        )
+        passwords.chmod(0o644)
+        extra = f"allow_anonymous false\npassword_file {passwords}\n"
+        with LocalBroker(extra_config=extra) as secured:
+            good = make_bus(
+                f"mqtt://dev1:s3cret%3A%2F%40@127.0.0.1:{secured.port}", deployment, "a"
+            )
+            with good:
+                assert good.wait_connected(10)
+            for url in (
+                f"mqtt://dev1:wrong@127.0.0.1:{secured.port}",
+                f"mqtt://127.0.0.1:{secured.port}",
+            ):
+                refused = make_bus(url, deployment, "b")
+                with refused:
+                    assert not refused.wait_connected(1.5)
+                assert refused.counters["connect_failures"] >= 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
