@@ -5,7 +5,7 @@ writes into ``--out``::
 
     mosquitto.conf            Mosquitto drop-in (listeners, auth, ACL, limits), absolute paths
     passwd                    hashed passwords (mosquitto_passwd), one line per identity
-    acl                       topic ACL: %u patterns for devices, a section per other identity
+    acl                       topic ACL: %u patterns for own topics, a section per identity
     credentials/<name>.env    MQTTINFER_* variables for one identity (systemd EnvironmentFile)
     tls/ca.crt, ca.key        private CA (--tls); ca.key never leaves this directory
     tls/server.crt, .key      broker certificate, SAN = hostname, localhost, 127.0.0.1
@@ -17,8 +17,9 @@ Identities: every device id, the aggregator (``--aggregator-id``), every source
 nothing on the others; delete a credentials file to rotate that password.
 
 Everything is built in a staging directory inside ``--out`` and moved into place at the end,
-so a failure leaves the previous files untouched. Only the ``mosquitto_passwd`` and
-``openssl`` command-line tools are used (no Python crypto dependency).
+so a failure while generating (a tool missing or failing) leaves the previous files untouched.
+Only the ``mosquitto_passwd`` and ``openssl`` command-line tools are used (no Python crypto
+dependency).
 """
 
 from __future__ import annotations
