@@ -13,6 +13,7 @@ has been delivered already; no sleeping and hoping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -127,15 +128,25 @@ def start_secured_broker(base: Path, **options: object) -> SecuredBroker:
     return SecuredBroker(report, port, local_port, passwords, broker)
 
 
+@contextlib.contextmanager
+def secured_broker(**options: object) -> Iterator[SecuredBroker]:
+    """A broker started from broker init's output; stopped and deleted afterwards."""
+    base = _broker_readable_dir()
+    broker: LocalBroker | None = None
+    try:
+        running = start_secured_broker(base, **options)
+        broker = running.broker
+        yield running
+    finally:
+        if broker is not None:
+            broker.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def secured() -> Iterator[SecuredBroker]:
-    base = _broker_readable_dir()
-    try:
-        running = start_secured_broker(base)
+    with secured_broker() as running:
         yield running
-        running.broker.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ a client
@@ -592,13 +603,8 @@ def test_the_plain_listener_is_not_reachable_from_outside(secured: SecuredBroker
 # ------------------------------------------------------------------------------ client certs
 @pytest.fixture(scope="module")
 def cert_broker() -> Iterator[SecuredBroker]:
-    base = _broker_readable_dir()
-    try:
-        running = start_secured_broker(base, client_certs=True)
+    with secured_broker(client_certs=True) as running:
         yield running
-        running.broker.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_with_client_certs_a_certificate_is_required(cert_broker: SecuredBroker) -> None:
@@ -719,41 +725,34 @@ def test_adding_a_device_takes_init_force_and_a_reload() -> None:
     """docs/operations.md: re-run broker init --force with the grown inventory, then SIGHUP
     (systemctl reload mosquitto). The new device gets in, the removed one no longer does, and
     everybody else keeps their password."""
-    base = _broker_readable_dir()
-    try:
-        running = start_secured_broker(base)
-        try:
-            fleet = base / "fleet.yaml"
-            spec = "flops: 1G, memory: 64MiB, rate: 10Mbit/s, outage: 0.1"
-            fleet.write_text(f"devices:\n  - {{id: dev-a, {spec}}}\n  - {{id: dev-c, {spec}}}\n")
-            report = init_broker(
-                InitOptions(
-                    fleet=fleet,
-                    out=running.report.out,
-                    deployment=DEPLOYMENT,
-                    tls=True,
-                    hostname="localhost",
-                    sources=SOURCES,
-                    port=running.port,
-                    local_port=running.local_port,
-                    force=True,
-                )
+    with secured_broker() as running:
+        fleet = running.report.out.parent / "fleet.yaml"
+        spec = "flops: 1G, memory: 64MiB, rate: 10Mbit/s, outage: 0.1"
+        fleet.write_text(f"devices:\n  - {{id: dev-a, {spec}}}\n  - {{id: dev-c, {spec}}}\n")
+        report = init_broker(
+            InitOptions(
+                fleet=fleet,
+                out=running.report.out,
+                deployment=DEPLOYMENT,
+                tls=True,
+                hostname="localhost",
+                sources=SOURCES,
+                port=running.port,
+                local_port=running.local_port,
+                force=True,
             )
-            assert report.created == ("dev-c",)
-            new_password = parse_env(report.env_file("dev-c").read_text())["MQTTINFER_PASSWORD"]
-            proc = running.broker._proc  # LocalBroker has no public pid; this is its child
-            assert proc is not None
-            proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + TIMEOUT_S
-            while not _accepted(running, "dev-c", new_password):  # reloads in its next pass
-                assert time.monotonic() < deadline, "dev-c is still refused after the reload"
-                time.sleep(0.1)
-            assert not _accepted(running, "dev-b", running.passwords["dev-b"])
-            assert _accepted(running, "dev-a", running.passwords["dev-a"])
-        finally:
-            running.broker.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        )
+        assert report.created == ("dev-c",)
+        new_password = parse_env(report.env_file("dev-c").read_text())["MQTTINFER_PASSWORD"]
+        proc = running.broker._proc  # LocalBroker has no public pid; this is its child
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _accepted(running, "dev-c", new_password):  # reloads in its next pass
+            assert time.monotonic() < deadline, "dev-c is still refused after the reload"
+            time.sleep(0.1)
+        assert not _accepted(running, "dev-b", running.passwords["dev-b"])
+        assert _accepted(running, "dev-a", running.passwords["dev-a"])
 
 
 def _accepted(running: SecuredBroker, user: str, password: str) -> bool:
