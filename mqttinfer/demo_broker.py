@@ -49,12 +49,16 @@ class BrokerChoice:
     note: str
 
 
+def amqtt_importable() -> bool:
+    return importlib.util.find_spec("amqtt") is not None
+
+
 def choose_broker() -> BrokerChoice:
     """Mosquitto when installed, else amqtt when importable, else DependencyError."""
     mosquitto = find_mosquitto()
     if mosquitto is not None:
         return BrokerChoice("mosquitto", f"private Mosquitto ({mosquitto})")
-    if importlib.util.find_spec("amqtt") is not None:
+    if amqtt_importable():
         return BrokerChoice("amqtt", AMQTT_CAVEAT)
     raise DependencyError(NO_BROKER)
 

@@ -18,9 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from mqttinfer import demo_broker
 from mqttinfer.demo import demo_layout, load_demo_frames, sample_path, victim_group
 from mqttinfer.demo_tally import Answer, PhaseTally
-from mqttinfer.errors import ConfigError
+from mqttinfer.errors import ConfigError, DependencyError
 from tests.support.synthetic import SyntheticBundle, build_synthetic_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,21 @@ def test_sample_is_the_start_of_the_debian_test_set() -> None:
     sample = load_demo_frames(1000, root=Path("/nonexistent"))
     np.testing.assert_array_equal(sample.x, debian.x)
     np.testing.assert_array_equal(sample.y, debian.y)
+
+
+def test_broker_choice_prefers_mosquitto_then_amqtt_then_says_run_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(demo_broker, "find_mosquitto", lambda: "/usr/sbin/mosquitto")
+    assert demo_broker.choose_broker().kind == "mosquitto"
+    monkeypatch.setattr(demo_broker, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(demo_broker, "amqtt_importable", lambda: True)
+    choice = demo_broker.choose_broker()
+    assert choice.kind == "amqtt"
+    assert "3.1.1" in choice.note and "hung client" in choice.note
+    monkeypatch.setattr(demo_broker, "amqtt_importable", lambda: False)
+    with pytest.raises(DependencyError, match=r"run scripts/setup\.sh"):
+        demo_broker.choose_broker()
 
 
 # --------------------------------------------------------------------------- end to end
