@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ from mqttinfer.errors import ConfigError, MqttInferError
 from mqttinfer.protocol import Frame, Result, Status
 from mqttinfer.runtime.bus import Bus, Message
 from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster, StatusBoard
-from tests.busutil import make_bus, wait_until
+from tests.busutil import make_bus, subprocess_env, wait_until
 from tests.support.synthetic import SyntheticBundle, random_frames
 
 pytestmark = pytest.mark.broker
@@ -135,3 +139,44 @@ def test_status_board_ignores_stale_wills() -> None:
     board.handle(Message("t", b"garbage", False, 0.0))
     assert board.rejected == 1
     assert wait_until(lambda: board.wait(lambda s: "d" in s, 0.1))
+
+
+LAUNCHER = """
+import sys, time
+from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
+cluster = LocalCluster(sys.argv[1], [DeviceSpec("d0", 0)], aggregator=False, deployment="orph")
+cluster.start(timeout_s=60)
+print(cluster._nodes["d0"].proc.pid, cluster.broker._proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_devices_do_not_outlive_a_killed_launcher(synthetic_bundle: SyntheticBundle) -> None:
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(synthetic_bundle.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    device_pid = broker_pid = 0
+    try:
+        assert launcher.stdout is not None
+        device_pid, broker_pid = map(int, launcher.stdout.readline().split())
+        launcher.kill()  # no atexit, no teardown: the device must notice by itself
+        launcher.wait(timeout=10)
+
+        def gone() -> bool:
+            try:
+                os.kill(device_pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert wait_until(gone, timeout_s=15)
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+        for pid in (device_pid, broker_pid):  # the orphaned broker (and a device that stayed)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ from mqttinfer.units import parse_bit_rate
 
 log = logging.getLogger(__name__)
 
+# Set by the local cluster: a node whose launcher died (e.g. SIGKILLed) stops instead of
+# running on as an orphan.
+EXIT_WITH_PARENT_ENV = "MQTTINFER_EXIT_WITH_PARENT"
 BROKER_HELP = (
     "Broker URL: mqtt:// or mqtts://[user[:pass]@]host[:port][?ca=F&cert=F&key=F&keepalive=S]."
 )
@@ -182,11 +186,15 @@ def serve_device(device: Device) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
+    watch_parent = os.environ.get(EXIT_WITH_PARENT_ENV) == "1"
     device.start()
     if not device.bus.wait_connected(10):
         log.warning("not connected to %s yet; retrying in the background", device.bus.config.url)
     while not stop.wait(0.5):
-        pass
+        if watch_parent and os.getppid() != parent:
+            log.warning("parent process %d is gone: stopping", parent)
+            break
     device.stop()
 
 

@@ -445,4 +445,5 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{root}{os.pathsep}{path}" if path else root
     env["PYTHONUNBUFFERED"] = "1"
+    env["MQTTINFER_EXIT_WITH_PARENT"] = "1"  # no orphans if this process dies unannounced
     return env
