@@ -121,6 +121,7 @@ class Aggregator:
             "received",
             "results_published",
             "publish_failed",
+            "errors",
             *(f"rejected_{kind}" for kind in MESSAGE_KINDS),
         )
         self.latency = {name: RollingQuantiles() for name in ("e2e", "fc", "compute", "transport")}
@@ -163,12 +164,16 @@ class Aggregator:
         tick_s = self.settings.tick_ms / 1000.0
         while not self._queue.closed:
             message = self._queue.get(timeout_s=self._wait_s(tick_s))
-            if message is not None:
-                self.handle(message)
-            self.tick()
-            if self._clock() >= self._next_stats:
-                self._next_stats += self.settings.stats_interval_s
-                self.publish_stats()
+            try:
+                if message is not None:
+                    self.handle(message)
+                self.tick()
+                if self._clock() >= self._next_stats:
+                    self._next_stats = self._clock() + self.settings.stats_interval_s
+                    self.publish_stats()
+            except Exception:  # a bug must cost one message, never the aggregator
+                self.counters.inc("errors")
+                log.exception("aggregator worker failed on %s", message and message.topic[:160])
 
     def _wait_s(self, tick_s: float) -> float:
         deadline = self.machine.next_deadline()
