@@ -24,10 +24,11 @@ import pytest
 
 from mqttinfer.errors import BrokerError
 from mqttinfer.protocol import Stats
-from mqttinfer.runtime.bus import BrokerConfig, Bus
+from mqttinfer.runtime.bus import BrokerConfig
 from mqttinfer.runtime.cluster import LOW_LATENCY_BROKER_CONFIG, DeviceSpec, LocalCluster
 from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.runtime.source import Result, Source
+from tests.busutil import make_bus
 from tests.support.synthetic import SyntheticBundle, random_frames
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -172,12 +173,7 @@ def assert_logits_match(stream: Stream, bundle: SyntheticBundle) -> None:
 # Correctness ------------------------------------------------------------------------------------
 def test_distributed_logits_equal_the_ensemble(healthy: Env) -> None:
     stats: list[Stats] = []
-    watcher = Bus(
-        BrokerConfig.from_url(healthy.url),
-        node="stats-watch",
-        kind="monitor",
-        topics=healthy.cluster.topics,
-    )
+    watcher = make_bus(healthy.url, healthy.cluster.deployment, "stats-watch", kind="monitor")
     watcher.subscribe(
         healthy.cluster.topics.stats("aggregator"), lambda m: stats.append(Stats.decode(m.payload))
     )

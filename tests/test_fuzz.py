@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from mqttinfer.errors import ProtocolError
 from mqttinfer.protocol import Frame, Partial, Result
 from mqttinfer.runtime.aggregator import Aggregator, AggregatorSettings, HeadWeights
-from mqttinfer.runtime.bus import BrokerConfig, Bus, Message
+from mqttinfer.runtime.bus import Message
 from mqttinfer.runtime.device import Device, DeviceSettings
 from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.runtime.roles import StaticRoleProvider, role_from_bundle
 from mqttinfer.topics import Topics
+from tests.busutil import make_bus, wait_until
 from tests.support.synthetic import SyntheticBundle, random_frames
 
 TOTAL_IN_PROCESS = 100_000
@@ -139,7 +140,7 @@ def make_aggregator(bundle: SyntheticBundle, bus: Any, deployment: str) -> Aggre
 def make_device(
     bundle: SyntheticBundle, url: str, deployment: str, node: str, partition: int
 ) -> Device:
-    bus = Bus(BrokerConfig.from_url(url), node=node, kind="device", topics=Topics(deployment))
+    bus = make_bus(url, deployment, node, kind="device")
     loaded = role_from_bundle(
         bundle.path, device=node, deployment=deployment, partition=partition, group=f"g{partition}"
     )
@@ -153,9 +154,7 @@ def offline_nodes(
 ) -> Iterator[tuple[Aggregator, Device]]:
     """An aggregator and a device whose buses never connect (port 9 on loopback is closed)."""
     url = "mqtt://127.0.0.1:9"
-    agg_bus = Bus(
-        BrokerConfig.from_url(url), node="agg", kind="aggregator", topics=Topics(deployment)
-    )
+    agg_bus = make_bus(url, deployment, "agg", kind="aggregator")
     aggregator = make_aggregator(synthetic_bundle, agg_bus, deployment)
     device = make_device(synthetic_bundle, url, deployment, "fuzz-dev", PARTITION)
     device.start()
@@ -208,29 +207,19 @@ def test_100k_malformed_payloads_in_process(
 
 
 # Through a real broker ------------------------------------------------------------------------
-def wait_until(predicate: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.mark.broker
 def test_malformed_payloads_through_a_real_broker(
     broker: LocalBroker, synthetic_bundle: SyntheticBundle, deployment: str
 ) -> None:
     topics = Topics(deployment)
     width = int(synthetic_bundle.kernels[PARTITION].shape[0])
-    config = BrokerConfig.from_url(broker.url)
-    agg_bus = Bus(config, node="aggregator", kind="aggregator", topics=topics)
+    agg_bus = make_bus(broker.url, deployment, "aggregator", kind="aggregator")
     aggregator = make_aggregator(synthetic_bundle, agg_bus, deployment)
     devices = [
         make_device(synthetic_bundle, broker.url, deployment, f"dev{k}", k)
         for k in range(synthetic_bundle.num_partitions)
     ]
-    client = Bus(config, node="fuzzer", kind="source", topics=topics)
+    client = make_bus(broker.url, deployment, "fuzzer", kind="source")
     results: list[Result] = []
     client.subscribe(topics.all_results, lambda m: results.append(Result.decode(m.payload)), qos=1)
     aggregator.start()
