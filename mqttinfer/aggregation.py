@@ -194,6 +194,7 @@ class Aggregation:
         self._seq = 0
         self._fired_ids: OrderedDict[str, None] = OrderedDict()  # bounded LRU of fired ids
         self._nodes: dict[str, _NodeState] = {}
+        self._dead: frozenset[int] = frozenset()  # derived from _nodes on every status
 
     # Inputs ----------------------------------------------------------------------------------
     def open_frame(
@@ -273,10 +274,10 @@ class Aggregation:
         if partition is None and not online and known is not None:
             served = known.partition
         self._nodes[node] = _NodeState(served, online, bdseq)
-        dead = self.dead_partitions()
-        if not dead:
+        self._dead = self._derive_dead()
+        if not self._dead:
             return ()
-        candidates = [s for s in self._slots.values() if self._missing(s) & dead]
+        candidates = [s for s in self._slots.values() if self._missing(s) & self._dead]
         return tuple(f for s in candidates for f in self._fire_if_ready(s, now))
 
     def tick(self, now: float) -> tuple[Fired, ...]:
@@ -313,6 +314,9 @@ class Aggregation:
 
     def dead_partitions(self) -> frozenset[int]:
         """Partitions whose known replicas are all offline (never-seen partitions are not dead)."""
+        return self._dead
+
+    def _derive_dead(self) -> frozenset[int]:
         alive: set[int] = set()
         seen: set[int] = set()
         for state in self._nodes.values():
@@ -356,7 +360,7 @@ class Aggregation:
         missing = self._missing(slot)
         if not missing:
             return (self._fire(slot, REASON_COMPLETE, now),)
-        if missing <= self.dead_partitions():
+        if missing <= self._dead:
             return (self._fire(slot, REASON_DEAD, now),)
         return ()
 
