@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -233,6 +234,7 @@ class DemoRun:
         self.state = DemoState(self._title(), [], PHASES, settings.frames)
         self.summaries: dict[str, PhaseSummary] = {}
         self._embedded: EmbeddedBroker | None = None
+        self._temp_dir: Path | None = None
         self._cluster: LocalCluster | None = None
         self._source: Source | None = None
         self._killed: set[str] = set()
@@ -280,7 +282,7 @@ class DemoRun:
     def _start(self) -> None:
         url = self.settings.broker
         if self.broker.kind == "amqtt":
-            self._embedded = EmbeddedBroker(self._log_dir() / "amqtt.log").start()
+            self._embedded = EmbeddedBroker(self._broker_log_dir() / "amqtt.log").start()
             url = self._embedded.url
         specs = [
             DeviceSpec(device, group.partition, group=group.id)
@@ -322,11 +324,12 @@ class DemoRun:
             f"watch it: mqttinfer monitor --broker '{cluster.url}' --deployment {self.deployment}",
         ]
 
-    def _log_dir(self) -> Path:
+    def _broker_log_dir(self) -> Path:
         if self.settings.log_dir is not None:
             self.settings.log_dir.mkdir(parents=True, exist_ok=True)
             return self.settings.log_dir
-        return Path(tempfile.mkdtemp(prefix="mqttinfer-demo-"))
+        self._temp_dir = Path(tempfile.mkdtemp(prefix="mqttinfer-demo-"))
+        return self._temp_dir
 
     def _stop(self) -> None:
         source, self._source = self._source, None
@@ -338,6 +341,8 @@ class DemoRun:
             cluster.close()
         if embedded is not None:
             embedded.close()
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ phases
     def _phase(self, key: str) -> None:
