@@ -102,6 +102,9 @@ class LocalBroker:
             f"max_packet_size {self.max_packet_size}\n"
             "max_queued_messages 10000\n"
             "persistence false\n"
+            # Small messages that follow one another (frame, partial, result) otherwise wait
+            # for delayed ACKs: a cluster round trip measured 28 ms median without, 2.3 ms with.
+            "set_tcp_nodelay true\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             f"{self._extra}\n"
@@ -119,6 +122,7 @@ class LocalBroker:
         if conf is None:
             conf = self._dir / "mosquitto.conf"
             conf.write_text(self.config_text())
+            self._make_log_writable()
         # stderr goes to a file: a config that logs to stderr must never block on a full pipe.
         with self.stderr_path.open("ab") as stderr:
             self._proc = subprocess.Popen(
@@ -134,6 +138,13 @@ class LocalBroker:
             raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port}: {err}")
         log.debug("mosquitto pid %s on %s", self._proc.pid, self.url)
         return self
+
+    def _make_log_writable(self) -> None:
+        # Started as root, Mosquitto drops to the 'mosquitto' user and could not open a log
+        # inside our private (0700) temporary directory.
+        self._dir.chmod(0o755)
+        self.log_path.touch()
+        self.log_path.chmod(0o666)
 
     def _stderr_tail(self) -> str:
         if self._proc is None or self._proc.poll() is None:
