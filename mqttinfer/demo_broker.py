@@ -39,6 +39,7 @@ NO_BROKER = (
 )
 _HOST = "127.0.0.1"
 _STOP_GRACE_S = 5.0
+_PARENT_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +121,21 @@ async def _serve(port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
+    watcher = asyncio.create_task(_stop_when_orphaned(stop))
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         await broker.shutdown()
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A demo killed with SIGKILL cannot stop its broker: the broker notices and stops."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(_PARENT_POLL_S)
+    log.warning("the demo (pid %d) is gone: stopping the broker", parent)
+    stop.set()
 
 
 def main() -> None:
