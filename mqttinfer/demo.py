@@ -81,6 +81,7 @@ _POLL_S = 0.05
 _ACCURACY_TOLERANCE = 0.01
 _RECORDED_KEY = "first_1000"
 _RECORDED_FRAMES = 1000
+_PIPE_WIDTH = 110
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -602,6 +603,8 @@ def demo(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     console = Console(stderr=as_json, highlight=False)
+    if not console.is_terminal:  # logs and pipes: wide enough for the summary table
+        console = Console(stderr=as_json, highlight=False, width=_PIPE_WIDTH)
     try:
         settings = DemoSettings(
             bundle=bundle or _default_bundle(),

@@ -107,20 +107,26 @@ def phase_table(
         else f"the bundle's recorded accuracy on the first 1000 test images: {_percent(recorded)}"
     )
     table = Table(title=None, caption=caption, expand=False, pad_edge=False)
-    table.add_column("phase")
-    for name in ("frames", "results", "accuracy", "p50 ms", "p99 ms", "degraded", "lost"):
-        table.add_column(name, justify="right")
+    table.add_column("phase", no_wrap=True)
+    for name in (
+        "frames",
+        "results",
+        "accuracy",
+        "p50 ms",
+        "p99 ms",
+        "degraded",
+        "missing",
+        "lost",
+    ):
+        table.add_column(name, justify="right", no_wrap=True)
     for key, title in state.phases:
         summary = summaries.get(key)
         if summary is None:
-            table.add_row(Text(title, style="dim"), *["" for _ in range(7)])
+            table.add_row(Text(title, style="dim"), *["" for _ in range(8)])
             continue
         running = key == state.current
         label = Text(title + (" …" if running else ""), style="bold" if running else "")
-        degraded = str(summary.degraded)
-        if summary.missing_partitions:
-            parts = ",".join(str(p) for p in summary.missing_partitions)
-            degraded += f" (missing {parts})"
+        missing = ",".join(f"p{p}" for p in summary.missing_partitions)
         table.add_row(
             label,
             str(summary.frames),
@@ -128,7 +134,8 @@ def phase_table(
             _percent(summary.accuracy),
             _ms(summary.p50_ms),
             _ms(summary.p99_ms),
-            Text(degraded, style="yellow" if summary.degraded else ""),
+            Text(str(summary.degraded), style="yellow" if summary.degraded else ""),
+            Text(missing, style="yellow"),
             Text(str(summary.lost), style="bold red" if summary.lost else ""),
         )
     return table
