@@ -7,7 +7,7 @@ connects like any node, so it announces itself on ``status/<its id>`` too; its i
 ``monitor-<host>`` (one retained status per host, however often a script runs ``--once``),
 with a unique client id so that two monitors on one host do not push each other off the broker.
 
-``--once --json`` collects for ``--settle`` seconds (long enough for every node's next stats),
+``--once --json`` collects for ``--settle`` seconds (long enough for two stats from each node),
 prints one JSON document (``MonitorState.snapshot``) and exits: for scripts and tests.
 """
 
@@ -244,8 +244,12 @@ def monitor(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --once: print JSON.")] = False,
     settle: Annotated[
-        float, typer.Option(help="Seconds to collect before printing with --once.")
-    ] = 3.0,
+        float,
+        typer.Option(
+            help="Seconds to collect before printing with --once (rates need two stats "
+            "messages: two intervals, 2 s each by default)."
+        ),
+    ] = 4.5,
     show_all: Annotated[
         bool, typer.Option("--all", help="Also show offline sources and monitors.")
     ] = False,
