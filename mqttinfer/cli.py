@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from mqttinfer import __version__
+from mqttinfer.bench.cli import bench_app
 from mqttinfer.demo import demo
 from mqttinfer.runtime.monitor import monitor
 
@@ -24,6 +25,7 @@ def version() -> None:
 
 app.command("demo")(demo)
 app.command("monitor")(monitor)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
