@@ -12,6 +12,10 @@ python="${PYTHON:-python3}"
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The protocol document's worked example (and its test) builds a frame with xxd.
+command -v xxd >/dev/null 2>&1 || need_apt+=(xxd)
+# broker init makes TLS material with the openssl command-line tool.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 # The venv module is a separate Debian package on some systems.
 "$python" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
