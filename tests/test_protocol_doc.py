@@ -16,7 +16,7 @@ from mqttinfer.protocol import DEFAULT_LIMITS, PROTOCOL_VERSION, Frame, Stats
 from mqttinfer.protocol.control import NODE_KINDS, SERVING, STATES
 from mqttinfer.protocol.messages import LATENCY_KEYS, RESULT_REASONS
 from mqttinfer.runtime import aggregator as aggregator_module
-from mqttinfer.runtime import plan_apply
+from mqttinfer.runtime import plan_apply, profile
 from mqttinfer.runtime import source as source_module
 from mqttinfer.runtime.device import DeviceSettings
 from mqttinfer.runtime.model_transfer import MAX_CHUNKS, split_model
@@ -81,9 +81,10 @@ def test_every_topic_builder_is_documented() -> None:
         if "+" in topic or "#" in topic:
             continue  # filters: named above; their patterns are in the subscriptions paragraph
         assert topic in table, f"topic {topic} (Topics.{name}) is missing from the table"
-    # Besides the builders' topics, only the private barrier topic of retained.py.
+    # Besides the builders' topics, only the private probe topics (retained.py's barrier,
+    # profile.py's echo).
     extra = set(table) - {t for t in builders.values() if "+" not in t and "#" not in t}
-    assert extra == {"probe/<node>/barrier"}
+    assert extra == {"probe/<node>/barrier", "probe/<device>/echo"}
     assert probe_topic(Topics("D"), "<node>") == "mqttinfer/D/probe/<node>"
 
 
@@ -99,11 +100,13 @@ def test_topic_table_qos_and_retain_match_the_code() -> None:
         assert table[topic]["retained"] == "no"
 
 
-def test_topics_nothing_publishes_yet_are_marked_reserved() -> None:
+def test_deployment_topics_name_their_publisher() -> None:
     rows = {line.split("`")[1]: line for line in section("Topics").splitlines() if "| `" in line}
-    assert "reserved" in rows["profile/<device>"]
+    assert not any("reserved" in row for row in rows.values())
+    assert "`devices profile" in rows["profile/<device>"]
+    assert rows["profile/<device>"].split("|")[3].strip() == str(profile.PROFILE_QOS)
     for topic in ("plan/<device>", "models/<sha256>", "models/<sha256>/<index>"):
-        assert "reserved" not in rows[topic] and "`plan apply`" in rows[topic]
+        assert "`plan apply`" in rows[topic]
     table = topic_table()
     assert table["plan/<device>"]["qos"] == str(plan_apply.ROLE_QOS)
     assert table["models/<sha256>"]["qos"] == str(plan_apply.MODEL_QOS)
