@@ -17,6 +17,14 @@ What :class:`Bus` adds to a bare paho client:
   computes the exact packet size and refuses (logs, counts ``dropped_too_large``) anything
   over the broker's limit: the CONNACK ``Maximum-Packet-Size`` when the broker sends it,
   else ``BrokerConfig.max_packet_size``.
+- **Says why it is not connecting.** A refused CONNACK (bad credentials: the reason code), a
+  failed TLS handshake (wrong CA, host name mismatch) or an unreachable broker is logged at
+  WARNING with its reason, once per distinct reason until the next successful connect (the
+  retries after it only at DEBUG).
+- **Credentials from the environment.** ``BrokerConfig.from_env_and_url`` fills what the URL
+  leaves out from the variables of broker init's env files (``MQTTINFER_USERNAME``,
+  ``_PASSWORD``, ``_CA_FILE``, ``_CERT_FILE``, ``_KEY_FILE``), so a password never has to be on
+  a command line. The password is never logged nor shown in a ``repr``.
 - **Callbacks never raise into paho** (an exception there would kill the network thread):
   handler errors are logged and counted. Handlers run on the network thread, so they must
   be quick; roles hand work to their own worker threads.
@@ -25,11 +33,13 @@ What :class:`Bus` adds to a bare paho client:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,16 +69,32 @@ _VERSIONS = {"auto": MQTTProtocolVersion.MQTTv5, "5": MQTTProtocolVersion.MQTTv5
 _VERSIONS["3.1.1"] = MQTTProtocolVersion.MQTTv311
 
 
-class _DropNotConnectedNoise(logging.Filter):
-    """paho logs an ERROR on every loop pass after a clean disconnect; the bus logs its own."""
+_SOCKET_ERRORS = ("failed to receive on socket", "timeout on socket")
+
+
+class _PahoNoise(logging.Filter):
+    """paho logs an ERROR on every loop pass after a clean disconnect, and on every failed read
+    (so on every retry against a broker that drops us); the bus logs those itself, once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        message = str(record.msg)
+        if message.startswith("Client is not connected"):
+            return False
+        if message.startswith(_SOCKET_ERRORS):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
-_PAHO_LOG.addFilter(_DropNotConnectedNoise())
+_PAHO_LOG.addFilter(_PahoNoise())
 _SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
+
+# What `mqttinfer broker init` writes into each node's env file (broker_files.render_env).
+USERNAME_ENV = "MQTTINFER_USERNAME"
+PASSWORD_ENV = "MQTTINFER_PASSWORD"
+CA_FILE_ENV = "MQTTINFER_CA_FILE"
+CERT_FILE_ENV = "MQTTINFER_CERT_FILE"
+KEY_FILE_ENV = "MQTTINFER_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,7 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: never in logs or reprs
     tls: bool = False
     ca_file: str | None = None
     certfile: str | None = None
@@ -150,6 +176,38 @@ class BrokerConfig:
             raise ConfigError(f"unknown broker options {sorted(unknown)}", field="broker")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @classmethod
+    def from_env_and_url(
+        cls, url: str, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> BrokerConfig:
+        """``from_url(url, **overrides)``, then ``with_env(env)``: what every CLI connects with."""
+        return cls.from_url(url, **overrides).with_env(env)
+
+    def with_env(self, env: Mapping[str, str] | None = None) -> BrokerConfig:
+        """This config with what it lacks taken from ``env`` (default ``os.environ``).
+
+        ``MQTTINFER_USERNAME``/``_PASSWORD`` apply when no username is set (the password alone
+        when the username is the same one), ``MQTTINFER_CA_FILE`` when no CA file is set, and
+        ``MQTTINFER_CERT_FILE``/``_KEY_FILE`` when no client certificate is set. Empty
+        variables count as unset. Whatever the URL carries wins.
+        """
+        env = os.environ if env is None else env
+
+        def value(name: str) -> str | None:
+            return env.get(name) or None
+
+        changes: dict[str, Any] = {}
+        username = value(USERNAME_ENV)
+        if self.username is None and username is not None:
+            changes.update(username=username, password=value(PASSWORD_ENV))
+        elif self.password is None and username is not None and username == self.username:
+            changes["password"] = value(PASSWORD_ENV)
+        if self.ca_file is None and value(CA_FILE_ENV) is not None:
+            changes["ca_file"] = value(CA_FILE_ENV)
+        if self.certfile is None and self.keyfile is None and value(CERT_FILE_ENV) is not None:
+            changes.update(certfile=value(CERT_FILE_ENV), keyfile=value(KEY_FILE_ENV))
+        return replace(self, **changes) if changes else self
 
     @property
     def url(self) -> str:
@@ -254,6 +312,10 @@ class Bus:
         self._broker_max_packet: int | None = None
         self._started = False
         self._stopping = False
+        # Why connecting fails: each reason is logged at WARNING once, until the next connect.
+        self._connect_problems: set[str] = set()
+        self._refused = False  # the current attempt got a refusing CONNACK (already reported)
+        self._socket_error: str | None = None  # why paho's latest read failed (from on_log)
         self._protocol = _VERSIONS[config.mqtt_version]
         self._client = self._make_client()
 
@@ -403,6 +465,7 @@ class Bus:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_log = self._on_paho_log
         client.on_socket_open = _disable_nagle
         with self._lock:
             for topic_filter in self._subs:
@@ -423,7 +486,8 @@ class Bus:
                 f"cannot load TLS files ({exc})",
                 source=cfg.ca_file or cfg.certfile,
                 field="ca_file/certfile/keyfile",
-                fix="check the paths in ?ca=, ?cert= and ?key= of the broker URL",
+                fix="check MQTTINFER_CA_FILE, _CERT_FILE and _KEY_FILE, or ?ca=, ?cert= and "
+                "?key= of the broker URL",
             ) from exc
         client.tls_insecure_set(cfg.tls_insecure)
 
@@ -507,6 +571,8 @@ class Bus:
         # Runs before every connect attempt: the will must carry this connection's bdseq.
         with self._lock:
             self.bdseq = self._next_bdseq()
+            self._refused = False
+            self._socket_error = None
         will = self._status_message("offline")
         client.will_set(self.status_topic, will.encode(), qos=_STATUS_QOS, retain=True)
 
@@ -522,6 +588,8 @@ class Bus:
             self._on_refused(client, reason)
             return
         self._broker_max_packet = _connack_max_packet(properties)
+        with self._lock:
+            self._connect_problems.clear()  # the same failure later is news again
         self.counters.inc("connects")
         if self.counters["connects"] > 1:
             self.counters.inc("reconnects")
@@ -577,7 +645,9 @@ class Bus:
                 target=self._fall_back, args=(client,), name="mqtt-fallback", daemon=True
             ).start()
             return
-        log.error("broker %s refused %s %s: %s", self.config.url, self.kind, self.node, reason)
+        with self._lock:
+            self._refused = True
+        self._connect_problem(f"the broker refused it: {reason} (reason code {reason.value})")
 
     def _fall_back(self, old: mqtt.Client) -> None:
         old.loop_stop()
@@ -606,7 +676,30 @@ class Bus:
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
         self.counters.inc("connect_failures")
-        log.debug("%s %s cannot reach %s; retrying", self.kind, self.node, self.config.url)
+        # paho calls this from inside its `except OSError` around the connect attempt and
+        # passes no exception: the one being handled is the reason (refused TCP connect,
+        # unknown host, failed TLS handshake).
+        self._connect_problem(_failure_reason(sys.exc_info()[1]))
+
+    def _on_paho_log(self, _client: mqtt.Client, _userdata: Any, level: int, text: str) -> None:
+        # The only place paho tells why a read failed, e.g. the broker's TLS alert when it
+        # wants a client certificate; _on_disconnect reports it.
+        if level == mqtt.MQTT_LOG_ERR and text.startswith(_SOCKET_ERRORS):
+            self._socket_error = text
+
+    def _connect_problem(self, reason: str) -> None:
+        """Log why connecting failed: at WARNING the first time this reason comes up."""
+        with self._lock:
+            new = reason not in self._connect_problems
+            self._connect_problems.add(reason)
+        log.log(
+            logging.WARNING if new and not self._stopping else logging.DEBUG,
+            "%s %s cannot connect to %s: %s; retrying",
+            self.kind,
+            self.node,
+            self.config.url,
+            reason,
+        )
 
     def _on_disconnect(
         self,
@@ -619,13 +712,19 @@ class Bus:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if not was_connected:
-            # Refused CONNACK, or a TLS/auth failure after the TCP connect.
+            # Refused CONNACK (reported in _on_refused), or the broker hung up before any
+            # CONNACK, e.g. a client certificate it rejected after a TLS 1.3 handshake.
             self.counters.inc("connect_failures")
-            log.debug("%s %s: connect attempt failed: %s", self.kind, self.node, reason)
+            with self._lock:
+                refused = self._refused
+            if not refused:
+                why = self._socket_error or str(reason)
+                self._connect_problem(f"the broker closed the connection ({why})")
             return
         self.counters.inc("disconnects")
         if not self._stopping:
-            log.warning("%s %s lost its broker connection: %s", self.kind, self.node, reason)
+            why = self._socket_error or str(reason)
+            log.warning("%s %s lost its broker connection: %s", self.kind, self.node, why)
         self._notify(False)
 
     def _notify_state(self) -> None:
@@ -650,6 +749,16 @@ def _disable_nagle(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError) as exc:  # not a TCP socket (unix, websockets wrapper)
         log.debug("cannot set TCP_NODELAY: %s", exc)
+
+
+def _failure_reason(exc: BaseException | None) -> str:
+    if isinstance(exc, ssl.SSLError):
+        # Says which: "certificate verify failed: self-signed certificate in certificate chain"
+        # (wrong CA file) or "Hostname mismatch" (a name the certificate was not made for).
+        return f"TLS handshake failed: {exc}"
+    if exc is None:
+        return "connection failed"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _connack_max_packet(properties: Properties | None) -> int | None:
