@@ -127,6 +127,8 @@ class Aggregator:
         self.latency = {name: RollingQuantiles() for name in ("e2e", "fc", "compute", "transport")}
         self._queue: DropOldestQueue[Message] = DropOldestQueue(settings.queue_size)
         self._worker: threading.Thread | None = None
+        # time.monotonic() of the worker's latest pass through its loop (see healthy()).
+        self._heartbeat = time.monotonic()
         self._next_stats = clock() + settings.stats_interval_s
         self._last_rates: tuple[float, dict[str, int]] | None = None
         prefix = self.topics.prefix
@@ -149,6 +151,13 @@ class Aggregator:
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._worker.start()
 
+    def healthy(self, max_age_s: float) -> bool:
+        """True while the worker runs and went round its loop within ``max_age_s`` (it wakes
+        at least every ``tick_ms`` to fire deadlines); the systemd watchdog pings on it."""
+        worker = self._worker
+        alive = worker is not None and worker.is_alive()
+        return alive and time.monotonic() - self._heartbeat <= max_age_s
+
     def stop(self) -> None:
         self._queue.close()
         if self._worker is not None:
@@ -163,6 +172,7 @@ class Aggregator:
     def _run(self) -> None:
         tick_s = self.settings.tick_ms / 1000.0
         while not self._queue.closed:
+            self._heartbeat = time.monotonic()
             message = self._queue.get(timeout_s=self._wait_s(tick_s))
             try:
                 if message is not None:

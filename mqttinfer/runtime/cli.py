@@ -2,6 +2,11 @@
 
 ``device_app`` (a typer group with ``run``) and ``source`` (a command function) are mounted by
 ``mqttinfer/cli.py``; ``python -m mqttinfer.runtime.cli device run ...`` works on its own too.
+
+Also what every connecting command shares: ``BrokerOption`` and ``DeploymentOption`` (read
+``MQTTINFER_BROKER``/``_DEPLOYMENT`` and the credentials of broker init's env files, as the
+systemd units pass them) and ``NodeService`` (signals, sd_notify readiness and watchdog, and
+stopping with the launcher under ``MQTTINFER_EXIT_WITH_PARENT=1``).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +40,13 @@ from mqttinfer.runtime.roles import (
     role_from_bundle,
     role_from_file,
 )
+from mqttinfer.runtime.sdnotify import (
+    WatchdogPinger,
+    notify_ready,
+    notify_status,
+    notify_stopping,
+    watchdog_timeout_s,
+)
 from mqttinfer.runtime.source import Source, format_report, stream
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
 from mqttinfer.units import parse_bit_rate
@@ -43,9 +56,104 @@ log = logging.getLogger(__name__)
 # Set by the local cluster: a node whose launcher died (e.g. SIGKILLed) stops instead of
 # running on as an orphan.
 EXIT_WITH_PARENT_ENV = "MQTTINFER_EXIT_WITH_PARENT"
+# What the systemd units and broker init's env files set (credentials: bus.BrokerConfig.with_env).
+BROKER_ENV = "MQTTINFER_BROKER"
+DEPLOYMENT_ENV = "MQTTINFER_DEPLOYMENT"
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 BROKER_HELP = (
-    "Broker URL: mqtt:// or mqtts://[user[:pass]@]host[:port][?ca=F&cert=F&key=F&keepalive=S]."
+    "Broker URL: mqtt:// or mqtts://[user@]host[:port][?ca=F&cert=F&key=F&keepalive=S]. "
+    "What it leaves out comes from MQTTINFER_USERNAME, _PASSWORD, _CA_FILE, _CERT_FILE and "
+    "_KEY_FILE (broker init's env files), so the password stays off the command line."
 )
+DEFAULT_BROKER = BrokerConfig.from_url(DEFAULT_BROKER_URL)
+# How often a node's main thread looks for its launcher and updates systemd's STATUS line.
+_SERVICE_POLL_S = 0.5
+
+
+def parse_broker(value: str | BrokerConfig) -> BrokerConfig:
+    """``--broker``'s parser: the URL plus the credentials of the environment."""
+    try:
+        config = value if isinstance(value, BrokerConfig) else BrokerConfig.from_url(value)
+        return config.with_env()
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+# The --broker and --deployment of every command that connects (one definition for all).
+BrokerOption = Annotated[
+    BrokerConfig,
+    typer.Option(
+        "--broker",
+        envvar=BROKER_ENV,
+        parser=parse_broker,
+        metavar="URL",
+        show_default=DEFAULT_BROKER_URL,
+        help=BROKER_HELP,
+    ),
+]
+DeploymentOption = Annotated[
+    str, typer.Option("--deployment", envvar=DEPLOYMENT_ENV, help="Deployment (topic prefix).")
+]
+
+
+class NodeService:
+    """What a long-running node owes its supervisor (systemd, or the local cluster).
+
+    Created in the main thread before the node starts: SIGTERM and SIGINT then make ``wait``
+    return. ``ready`` sends READY=1 and, under ``WatchdogSec``, starts pinging the watchdog
+    while ``healthy(WatchdogSec)`` is true (the node's worker ticked within that time).
+    ``wait`` also returns when the launcher is gone, if ``MQTTINFER_EXIT_WITH_PARENT=1``.
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._why = ""
+        self._parent = os.getppid()
+        self._watch_parent = os.environ.get(EXIT_WITH_PARENT_ENV) == "1"
+        self._pinger: WatchdogPinger | None = None
+        self._status = ""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._why = signal.Signals(signum).name
+        self._stop.set()
+
+    def ready(self, status: str, healthy: Callable[[float], bool]) -> None:
+        """Tell systemd the node is up; ping its watchdog while ``healthy(timeout_s)``."""
+        self._status = status
+        notify_ready(status)
+        timeout_s = watchdog_timeout_s()
+        if timeout_s is not None and self._pinger is None:
+            self._pinger = WatchdogPinger(healthy=lambda: healthy(timeout_s))
+            self._pinger.start()
+
+    def wait(self, status: Callable[[], str] | None = None) -> str:
+        """Block until a signal arrives or the launcher is gone; returns why.
+
+        ``status`` (optional) is polled, and systemd's STATUS line updated when it changes.
+        """
+        while not self._stop.wait(_SERVICE_POLL_S):
+            if self._watch_parent and os.getppid() != self._parent:
+                self._why = f"parent process {self._parent} is gone"
+                log.warning("%s: stopping", self._why)
+                return self._why
+            if status is not None:
+                self._set_status(status())
+        log.info("%s: stopping", self._why)
+        return self._why
+
+    def stopping(self) -> None:
+        """STOPPING=1 and no more watchdog pings: the node is shutting down on purpose."""
+        notify_stopping(f"stopping ({self._why or 'done'})")
+        if self._pinger is not None:
+            self._pinger.stop()
+
+    def _set_status(self, text: str) -> None:
+        if text != self._status:
+            self._status = text
+            notify_status(text)
+
 
 device_app = typer.Typer(
     name="device",
@@ -72,10 +180,8 @@ def _device_group() -> None:
 def device_run(
     *,
     node_id: Annotated[str, typer.Option("--id", help="This device's id (a topic level).")],
-    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
-    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    broker: BrokerOption = DEFAULT_BROKER,
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     role: Annotated[
         Path | None, typer.Option(help="Role file (JSON/YAML); model.file is relative to it.")
     ] = None,
@@ -133,9 +239,7 @@ def device_run(
             cache=ModelCache(state_dir or default_state_dir()),
             settings=PlanClientSettings(fetch_timeout_s=fetch_timeout),
         )
-        bus = Bus(
-            BrokerConfig.from_url(broker), node=node_id, kind="device", topics=Topics(deployment)
-        )
+        bus = Bus(broker, node=node_id, kind="device", topics=Topics(deployment))
         serve_device(Device(bus, provider, settings))
     except (MqttInferError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -176,31 +280,39 @@ def _role_provider(
     return StaticRoleProvider(loaded)
 
 
-def serve_device(device: Device) -> None:
-    """Run ``device`` until SIGTERM or SIGINT (installs the handlers; main thread only)."""
-    stop = threading.Event()
+def serve_device(device: Device, connect_wait_s: float = 10.0) -> None:
+    """Run ``device`` until SIGTERM or SIGINT (installs the handlers; main thread only).
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    parent = os.getppid()
-    watch_parent = os.environ.get(EXIT_WITH_PARENT_ENV) == "1"
+    READY=1 goes out once connected, or after ``connect_wait_s`` without a broker: a device
+    whose broker is down is started all the same and keeps retrying in the background.
+    """
+    service = NodeService()
     device.start()
-    if not device.bus.wait_connected(10):
+    if not device.bus.wait_connected(connect_wait_s):
         log.warning("not connected to %s yet; retrying in the background", device.bus.config.url)
-    while not stop.wait(0.5):
-        if watch_parent and os.getppid() != parent:
-            log.warning("parent process %d is gone: stopping", parent)
-            break
+    service.ready(device_status(device), device.healthy)
+    service.wait(lambda: device_status(device))
+    service.stopping()
     device.stop()
+
+
+def device_status(device: Device) -> str:
+    """The one-line state ``systemctl status`` shows for a device."""
+    role = device.role
+    serving = (
+        "waiting for a role"
+        if role is None
+        else f"serving partition {role.partition} (group {role.group}, plan {role.plan} "
+        f"v{role.plan_version})"
+    )
+    if device.bus.connected:
+        return serving
+    return f"{serving}; connecting to {device.bus.config.url}"
 
 
 def source(
     *,
-    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    broker: BrokerOption = DEFAULT_BROKER,
     npz: Annotated[
         Path | None, typer.Option(help="Frames from an .npz: x uint8 [N,C,H,W]/[N,H,W], y.")
     ] = None,
@@ -221,14 +333,13 @@ def source(
     count: Annotated[int | None, typer.Option(help="Send at most this many frames.")] = None,
     deadline_ms: Annotated[int, typer.Option(help="Each frame's deadline.")] = 1000,
     source_id: Annotated[str, typer.Option("--id", help="This source's id.")] = "cam1",
-    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
 ) -> None:
     """Stream frames to a deployment and print accuracy and latency (exit 1: no result came)."""
     setup_logging(log_level)
+    pinger: WatchdogPinger | None = None
     try:
         frames, classes = _frames(npz, folder, fashion_mnist)
         with Source(
@@ -238,13 +349,44 @@ def source(
             deadline_ms=deadline_ms,
             classes=classes,
         ) as camera:
-            report = stream(camera, frames, rate=rate, count=count)
+            notify_ready(f"streaming to deployment {deployment} as {source_id}")
+            progress = _Progress()
+            # Healthy while frames keep being taken: between two, the stream sleeps at most
+            # 1/rate, or waits for one result (rate 0), and at the end for the stragglers.
+            gap_s = (1.0 / rate if rate > 0 else 0.0) + camera.result_timeout_s
+            allowed_s = max(gap_s, watchdog_timeout_s() or 0.0)
+            pinger = WatchdogPinger(healthy=lambda: progress.age_s() <= allowed_s)
+            pinger.start()
+            report = stream(camera, progress.track(frames), rate=rate, count=count)
     except (MqttInferError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    finally:
+        notify_stopping()
+        if pinger is not None:
+            pinger.stop()
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["sent"] and not report["counters"]["results"]:
         raise typer.Exit(1)
+
+
+_T = TypeVar("_T")
+
+
+class _Progress:
+    """When the stream last took a frame (the source's watchdog health)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def age_s(self) -> float:
+        return time.monotonic() - self._last
+
+    def track(self, items: Iterable[_T]) -> Iterator[_T]:
+        for item in items:
+            self._last = time.monotonic()
+            yield item
+        self._last = time.monotonic()  # then only the final wait for results is left
 
 
 def _frames(

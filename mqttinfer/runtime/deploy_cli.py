@@ -4,6 +4,11 @@
 a typer group with ``profile`` and ``list``. ``python -m mqttinfer.runtime.deploy_cli`` runs
 them on their own. Exit codes: 0 done, 1 some devices did not ack (apply) or no profile was
 found (list), 2 a configuration or broker error.
+
+``--broker`` and ``--deployment`` also come from ``MQTTINFER_BROKER``/``_DEPLOYMENT``, and the
+credentials from broker init's env files (``runtime.cli.BrokerOption``). Under broker init's ACL
+``apply`` and ``list`` must run as the ``apply`` identity: their node id defaults to the MQTT
+username.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from mqttinfer.errors import BrokerError, ConfigError, MqttInferError
 from mqttinfer.planner.inventory import save_inventory
 from mqttinfer.planner.plan import Plan, load_plan
 from mqttinfer.runtime.bus import BrokerConfig, Bus
+from mqttinfer.runtime.cli import (
+    DEFAULT_BROKER,
+    DEPLOYMENT_ENV,
+    BrokerOption,
+    DeploymentOption,
+)
 from mqttinfer.runtime.plan_apply import (
     DEFAULT_CHUNK_SIZE,
     ApplyReport,
@@ -54,7 +65,6 @@ from mqttinfer.units import format_bit_rate, format_bytes, format_flops, parse_b
 
 log = logging.getLogger(__name__)
 
-BROKER_HELP = "Broker URL: mqtt:// or mqtts://[user[:pass]@]host[:port][?ca=F&cert=F&key=F]."
 _STYLES = {
     Outcome.READY: "green",
     Outcome.REFUSED: "bold red",
@@ -82,9 +92,10 @@ def apply(
         Path | None,
         typer.Option(help="Bundle directory holding the plan's students (default: the plan's)."),
     ] = None,
-    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
+    broker: BrokerOption = DEFAULT_BROKER,
     deployment: Annotated[
-        str | None, typer.Option(help="Deployment (topic prefix); default: the plan's.")
+        str | None,
+        typer.Option(envvar=DEPLOYMENT_ENV, help="Deployment (topic prefix); default: the plan's."),
     ] = None,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every device to ack the plan.")
@@ -103,7 +114,12 @@ def apply(
     chunk_size: Annotated[
         str, typer.Option(help="Largest model chunk (capped by the broker's packet limit).")
     ] = format_bytes(DEFAULT_CHUNK_SIZE).replace(" ", ""),
-    node_id: Annotated[str, typer.Option("--id", help="This tool's node id.")] = "plan-apply",
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id", help="This tool's node id (default: the MQTT username, else plan-apply)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
 ) -> None:
     """Push a plan to the fleet: models, then roles; wait until every device serves it.
@@ -123,8 +139,8 @@ def apply(
             chunk_size=_bytes(chunk_size, "--chunk-size"),
         )
         bus = Bus(
-            BrokerConfig.from_url(broker),
-            node=check_id(node_id, "--id"),
+            broker,
+            node=tool_node_id(node_id, broker, "plan-apply"),
             kind="apply",
             topics=Topics(target.deployment),
         )
@@ -139,6 +155,15 @@ def apply(
     if not report.ok:
         _print_failures(report)
         raise typer.Exit(1)
+
+
+def tool_node_id(given: str | None, broker: BrokerConfig, fallback: str) -> str:
+    """An operator tool's node id: ``--id``, else its MQTT username, else ``fallback``.
+
+    Under broker init's ACL a node may only write its own status/<username>, so a tool that
+    logs in as ``apply`` must also be node ``apply``.
+    """
+    return check_id(given or broker.username or fallback, "--id")
 
 
 def _bundle_dir(option: Path | None, plan: Plan, plan_path: Path) -> Path:
@@ -232,10 +257,8 @@ def _devices_group() -> None:
 def profile(
     *,
     node_id: Annotated[str, typer.Option("--id", help="The device's id (run this on the device).")],
-    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
-    deployment: Annotated[str, typer.Option(help="Deployment (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    broker: BrokerOption = DEFAULT_BROKER,
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     publish: Annotated[
         bool, typer.Option(help="Retain the profile on profile/<id> for 'devices list'.")
     ] = False,
@@ -273,7 +296,7 @@ def profile(
         compute = measure_compute(model, threads=threads, budget_s=compute_seconds)
         memory = available_memory()
         bus = Bus(
-            BrokerConfig.from_url(broker),
+            broker,
             node=profiler_node(device),
             kind="profiler",
             topics=Topics(deployment),
@@ -299,10 +322,8 @@ def profile(
 @devices_app.command("list")
 def list_devices(
     *,
-    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "mqtt://127.0.0.1:1883",
-    deployment: Annotated[str, typer.Option(help="Deployment (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    broker: BrokerOption = DEFAULT_BROKER,
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     out: Annotated[
         Path | None, typer.Option(help="Write the planner's inventory (devices/<fleet>.yaml).")
     ] = None,
@@ -311,15 +332,20 @@ def list_devices(
         bool, typer.Option("--json", help="Print the profiles as JSON.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
-    node_id: Annotated[str, typer.Option("--id", help="This tool's node id.")] = "devices-list",
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id", help="This tool's node id (default: the MQTT username, else devices-list)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
 ) -> None:
     """Collect the profiles retained on profile/+ (and write them as an inventory)."""
     _setup_logging(log_level)
     try:
         bus = Bus(
-            BrokerConfig.from_url(broker),
-            node=check_id(node_id, "--id"),
+            broker,
+            node=tool_node_id(node_id, broker, "devices-list"),
             kind="monitor",
             topics=Topics(deployment),
         )

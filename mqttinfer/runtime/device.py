@@ -128,6 +128,8 @@ class Device:
         self._current: _Loaded | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
+        # time.monotonic() of the worker's latest pass through its loop (see healthy()).
+        self._heartbeat = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="device-worker", daemon=True)
         self._stats = Periodic(settings.stats_interval_s, self.publish_stats, name="device-stats")
 
@@ -143,6 +145,14 @@ class Device:
         self._worker.start()
         self._stats.start()
         self.bus.start()
+
+    def healthy(self, max_age_s: float) -> bool:
+        """True while the worker thread runs and went round its loop within ``max_age_s``.
+
+        The systemd watchdog pings on it: a worker stuck in one frame or one model load for
+        longer than ``max_age_s`` counts as hung. Without a frame the loop turns every 0.1 s.
+        """
+        return self._worker.is_alive() and time.monotonic() - self._heartbeat <= max_age_s
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once a role is loaded and warmed up."""
@@ -176,6 +186,7 @@ class Device:
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
         while not self._stopping.is_set():
+            self._heartbeat = time.monotonic()
             self._load_pending_role()
             message = self._queue.get(timeout_s=_POLL_S)
             if message is None:

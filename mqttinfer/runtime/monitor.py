@@ -33,6 +33,7 @@ from mqttinfer.errors import BrokerError, MqttInferError, ProtocolError
 from mqttinfer.monitor_state import AGGREGATOR_RATES, MonitorState, NodeView
 from mqttinfer.protocol import Stats, Status
 from mqttinfer.runtime.bus import BrokerConfig, Bus, Message
+from mqttinfer.runtime.cli import DEFAULT_BROKER, BrokerOption, DeploymentOption
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,8 @@ def render(monitor: Monitor, show_all: bool) -> RenderableType:
 # --------------------------------------------------------------------------- CLI
 def monitor(
     *,
-    broker: Annotated[
-        str, typer.Option(help="Broker URL, mqtt[s]://[user[:pass]@]host[:port][?ca=F...].")
-    ] = "mqtt://127.0.0.1:1883",
-    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    broker: BrokerOption = DEFAULT_BROKER,
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     once: Annotated[
         bool, typer.Option("--once", help="Collect for --settle seconds, print once, exit.")
     ] = False,
