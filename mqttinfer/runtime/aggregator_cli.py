@@ -7,10 +7,7 @@ Runs until SIGTERM or SIGINT, then announces ``offline`` (clean) and exits 0. Al
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -19,6 +16,7 @@ from mqttinfer.bundle import Bundle, demo_bundle_path
 from mqttinfer.errors import BrokerError, MqttInferError
 from mqttinfer.runtime.aggregator import Aggregator, AggregatorSettings, HeadWeights
 from mqttinfer.runtime.bus import BrokerConfig, Bus
+from mqttinfer.runtime.cli import DEFAULT_BROKER, BrokerOption, DeploymentOption, NodeService
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics
 
 log = logging.getLogger(__name__)
@@ -57,12 +55,8 @@ def run(
         Path | None,
         typer.Option(help="Bundle directory (default: the shipped demo bundle)."),
     ] = None,
-    broker: Annotated[
-        str, typer.Option(help="Broker URL, mqtt[s]://[user[:pass]@]host[:port][?keepalive=S].")
-    ] = "mqtt://127.0.0.1:1883",
-    deployment: Annotated[str, typer.Option(help="Deployment name (topic prefix).")] = (
-        DEFAULT_DEPLOYMENT
-    ),
+    broker: BrokerOption = DEFAULT_BROKER,
+    deployment: DeploymentOption = DEFAULT_DEPLOYMENT,
     node_id: Annotated[str, typer.Option("--id", help="This aggregator's node id.")] = "aggregator",
     max_open: Annotated[int, typer.Option(help="Most frames held open at once.")] = 256,
     deadline_ms: Annotated[
@@ -95,7 +89,10 @@ def run(
 
 
 def _serve(
-    bundle_dir: Path | None, broker: str, settings: AggregatorSettings, connect_timeout: float
+    bundle_dir: Path | None,
+    broker: BrokerConfig,
+    settings: AggregatorSettings,
+    connect_timeout: float,
 ) -> None:
     bundle_dir = bundle_dir or _default_bundle()
     if bundle_dir is None:
@@ -104,20 +101,13 @@ def _serve(
         )
     bundle = Bundle.load(bundle_dir)
     bus = Bus(
-        BrokerConfig.from_url(broker),
+        broker,
         node=settings.node,
         kind="aggregator",
         topics=Topics(settings.deployment),
     )
     aggregator = build_aggregator(bundle, bus, settings)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    service = NodeService()  # SIGTERM/SIGINT, sd_notify, MQTTINFER_EXIT_WITH_PARENT
     aggregator.start()
     bus.start()
     if not bus.wait_connected(connect_timeout):
@@ -132,7 +122,11 @@ def _serve(
         bundle.num_partitions,
         settings.deployment,
     )
-    stop.wait()
+    service.ready(
+        f"serving bundle {bundle.name} ({bundle.num_partitions} partitions)", aggregator.healthy
+    )
+    service.wait()
+    service.stopping()
     aggregator.stop()
     bus.stop()
 
