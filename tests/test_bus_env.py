@@ -8,6 +8,8 @@ started by tests/test_security.py's helper.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import pytest
 from mqttinfer.broker_files import parse_env
 from mqttinfer.broker_tools import Pki
 from mqttinfer.runtime.bus import BrokerConfig, Bus
+from mqttinfer.runtime.deploy_cli import tool_node_id
 from mqttinfer.topics import Topics
-from tests.busutil import wait_until
+from tests.busutil import Inbox, subprocess_env, wait_until
 from tests.test_security import DEPLOYMENT, SecuredBroker, secured_broker
 
 BUS_LOGGER = "mqttinfer.runtime.bus"
@@ -84,10 +87,10 @@ def node_env(secured: SecuredBroker, identity: str) -> dict[str, str]:
     return env
 
 
-def make_bus(url: str, env: dict[str, str], node: str) -> Bus:
+def make_bus(url: str, env: dict[str, str], node: str, kind: str = "device") -> Bus:
     # reconnect_max_s=1: a retry every second, so a test sees several in little time.
     config = BrokerConfig.from_env_and_url(url, env=env, reconnect_max_s=1)
-    return Bus(config, node=node, kind="device", topics=Topics(DEPLOYMENT))
+    return Bus(config, node=node, kind=kind, topics=Topics(DEPLOYMENT))
 
 
 def connect_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -159,3 +162,35 @@ def test_a_refused_login_is_a_warning_naming_the_reason_once(
         for name, code in (("Bad user name or password", 134), ("Not authorized", 135))
     ), warnings[0]
     assert "wrong-Pa55word" not in caplog.text  # not even paho's DEBUG lines
+
+
+@pytest.mark.broker
+def test_devices_list_runs_as_its_login_from_the_env_file_alone(secured: SecuredBroker) -> None:
+    """No --broker, --deployment, --id nor credentials: apply.env gives them all, and the node
+    id is the username, so the broker lets its status through (the ACL drops any other)."""
+    watcher_env = node_env(secured, "monitor")
+    watcher = make_bus(watcher_env["MQTTINFER_BROKER"], watcher_env, "monitor", "monitor")
+    inbox = Inbox()
+    watcher.subscribe(Topics(DEPLOYMENT).all_status, inbox, qos=1)
+    env = {**subprocess_env(), **node_env(secured, "apply")}
+    with watcher:
+        assert watcher.wait_connected(10)
+        listed = subprocess.run(
+            [sys.executable, "-m", "mqttinfer", "devices", "list", "--timeout", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 1, listed.stderr  # connected, found no profile
+        assert f"no device profile is retained under mqttinfer/{DEPLOYMENT}" in listed.stderr
+        assert inbox.wait(lambda: inbox.statuses("apply"), 10), "no status from node 'apply'"
+    assert env["MQTTINFER_PASSWORD"] not in listed.stdout + listed.stderr
+
+
+def test_operator_tools_take_the_username_as_node_id() -> None:
+    login = BrokerConfig.from_env_and_url("mqtt://h", env={"MQTTINFER_USERNAME": "apply"})
+    assert tool_node_id(None, login, "plan-apply") == "apply"
+    assert tool_node_id("ops-1", login, "plan-apply") == "ops-1"
+    assert tool_node_id(None, BrokerConfig.from_url("mqtt://h"), "plan-apply") == "plan-apply"
