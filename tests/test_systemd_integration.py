@@ -202,6 +202,22 @@ def test_a_device_without_its_broker_is_started_and_keeps_retrying(
     assert "cannot connect to" in (tmp_path / "device.log").read_text()
 
 
+def test_sigterm_while_waiting_for_the_broker_stops_the_device_at_once(
+    notify: NotifySocket, tmp_path: Path
+) -> None:
+    env = {**subprocess_env(), "NOTIFY_SOCKET": notify.address}
+    env.pop("MQTTINFER_EXIT_WITH_PARENT", None)
+    command = [sys.executable, "-m", "mqttinfer", "device", "run", "--id", "lonely"]
+    command += ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--state-dir", str(tmp_path)]
+    log = tmp_path / "device.log"
+    with node_process(command, env, log) as proc:
+        # The first failed attempt is logged once the handlers are in place and it waits.
+        assert wait_until(lambda: "cannot connect to" in log.read_text(), START_TIMEOUT_S)
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1", 3)  # not after the rest of its 10 s connect wait
+        assert proc.wait(timeout=5) == 0
+
+
 def test_a_wedged_device_worker_stops_the_watchdog_pings(
     broker: LocalBroker,
     deployment: str,

@@ -68,6 +68,7 @@ BROKER_HELP = (
 DEFAULT_BROKER = BrokerConfig.from_url(DEFAULT_BROKER_URL)
 # How often a node's main thread looks for its launcher and updates systemd's STATUS line.
 _SERVICE_POLL_S = 0.5
+_STOP_CHECK_S = 0.1
 
 
 def parse_broker(value: str | BrokerConfig) -> BrokerConfig:
@@ -118,6 +119,19 @@ class NodeService:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._why = signal.Signals(signum).name
         self._stop.set()
+
+    def wait_for(self, wait: Callable[[float], bool], timeout_s: float) -> bool:
+        """Call ``wait(step_s)`` in short steps until it returns True (then True), or until
+        ``timeout_s`` passed or a stop was asked for (then False): a SIGTERM that arrives
+        while the node waits for its broker is acted on at once."""
+        deadline = time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if wait(min(left, _STOP_CHECK_S)):
+                return True
+        return False
 
     def ready(self, status: str, healthy: Callable[[float], bool]) -> None:
         """Tell systemd the node is up; ping its watchdog while ``healthy(timeout_s)``."""
@@ -288,7 +302,7 @@ def serve_device(device: Device, connect_wait_s: float = 10.0) -> None:
     """
     service = NodeService()
     device.start()
-    if not device.bus.wait_connected(connect_wait_s):
+    if not service.wait_for(device.bus.wait_connected, connect_wait_s):
         log.warning("not connected to %s yet; retrying in the background", device.bus.config.url)
     service.ready(device_status(device), device.healthy)
     service.wait(lambda: device_status(device))
