@@ -120,6 +120,10 @@ class NodeService:
         self._why = signal.Signals(signum).name
         self._stop.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def wait_for(self, wait: Callable[[float], bool], timeout_s: float) -> bool:
         """Call ``wait(step_s)`` in short steps until it returns True (then True), or until
         ``timeout_s`` passed or a stop was asked for (then False): a SIGTERM that arrives
@@ -302,7 +306,8 @@ def serve_device(device: Device, connect_wait_s: float = 10.0) -> None:
     """
     service = NodeService()
     device.start()
-    if not service.wait_for(device.bus.wait_connected, connect_wait_s):
+    connected = service.wait_for(device.bus.wait_connected, connect_wait_s)
+    if not connected and not service.stop_requested:
         log.warning("not connected to %s yet; retrying in the background", device.bus.config.url)
     service.ready(device_status(device), device.healthy)
     service.wait(lambda: device_status(device))
