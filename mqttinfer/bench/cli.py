@@ -67,10 +67,11 @@ def latency(
         typer.Option(help="Bundle to run (default: the shipped demo bundle)."),
     ] = None,
     frames: Annotated[int, typer.Option(help="Frames per contender (floor, e2e, teacher).")] = 400,
-    rounds: Annotated[int, typer.Option(help="Interleaved rounds the frames are split into.")] = 8,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the frames are split into.")] = 40,
     warmup: Annotated[int, typer.Option(help="Warm-up frames per contender.")] = 30,
     window: Annotated[int, typer.Option(help="Frames in flight in the throughput phase.")] = 8,
     throughput_s: Annotated[float, typer.Option(help="Seconds of the throughput phase.")] = 5.0,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG.")] = True,
     out: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
     log_level: LogOpt = "WARNING",
@@ -84,7 +85,7 @@ def latency(
     )
     results = ResultsDir(out, "latency")
     try:
-        report = run_latency(check_bundle_dir(bundle), settings, results)
+        report = run_latency(check_bundle_dir(bundle), settings, results, plots=plots)
     except (MqttInferError, ValueError) as exc:
         raise _fail(exc) from exc
     _finish(render(report), results, as_json)

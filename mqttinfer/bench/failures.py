@@ -251,7 +251,8 @@ def run_case(
                     "head": head,
                     "failed": failed,
                     "trials": len(values),
-                    "mean": float(values.mean()),
+                    # Rounded so the mean of identical trials prints as their value.
+                    "mean": round(float(values.mean()), 9),
                     "min": float(values.min()),
                     "max": float(values.max()),
                     "std": float(values.std()),

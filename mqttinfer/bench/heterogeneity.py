@@ -7,11 +7,13 @@ inventory, on a common time scale ``s`` (this machine is faster than the fleet):
 
 - device d serving partition k is predicted to compute for ``t_d = 2·MACs_k / flops_d`` and
   to send its partial in ``l_d = 8·(2|P_k| + 64) / rate_d`` (``planner.latency``);
-- student k alone on one core of this machine computes in ``c_k`` (measured here, p50);
-- ``s = margin · max_d c_k / t_d``, so the relatively fastest device runs ``margin`` times
-  slower than its student natively does (the margin absorbs the slowdown every process
-  suffers from sharing this machine's cores); device d gets ``--slowdown s·t_d / c_k`` and
-  ``--link-rate rate_d / s``.
+- device d computes in ``c_d`` on this machine while the whole plan runs (calibrated: a first
+  cluster without slowdown answers ``calibration_frames`` frames and the devices' own stats
+  give their compute p50; with every device sharing two cores that is longer than a student
+  alone takes, and ``--slowdown`` multiplies what the device measures);
+- ``s = margin · max_d c_d / t_d``, so the relatively fastest device runs ``margin`` times
+  slower than it does here (the margin keeps the emulated times well above the runtime's own
+  overhead); device d gets ``--slowdown s·t_d / c_d`` and ``--link-rate rate_d / s``.
 
 The prediction for a frame with every device up is ``s ×`` the plan's ``all_up_latency_s``
 (the slowest group's fastest member). It leaves out, as RoCoIn's problem (1) does, the frame
@@ -21,7 +23,9 @@ them, so measured ≈ predicted + a constant (about the floor of ``bench latency
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,18 +36,21 @@ import numpy as np
 from mqttinfer.bench.latency import sample_frames, student_runner, time_runner
 from mqttinfer.bench.report import ResultsDir, Summary, machine, pyplot
 from mqttinfer.bundle import Bundle
-from mqttinfer.errors import InferTimeoutError
+from mqttinfer.errors import InferTimeoutError, MqttInferError, ProtocolError
 from mqttinfer.planner.bundle_source import load_bundle_spec
 from mqttinfer.planner.inventory import Device, Fleet
 from mqttinfer.planner.latency import FLOPS_PER_MAC, output_bytes
 from mqttinfer.planner.plan import Plan
 from mqttinfer.planner.strategies import PlanRequest, make_plan
+from mqttinfer.protocol import Stats
+from mqttinfer.runtime.bus import BrokerConfig, Bus, Message
 from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
 from mqttinfer.runtime.source import Source
 
 log = logging.getLogger(__name__)
 
 STRATEGY_ORDER = ("rocoin", "rocoin-g", "hetnonn", "nonn")
+_CALIBRATION_STATS_S = 0.5
 CSV_COLUMNS = (
     "strategy",
     "groups",
@@ -52,7 +59,8 @@ CSV_COLUMNS = (
     "predicted_ms",
     "measured_p50_ms",
     "measured_p99_ms",
-    "slowest_partial_p50_ms",
+    "aggregator_e2e_p50_ms",
+    "slowest_compute_p50_ms",
     "frames",
     "degraded",
 )
@@ -80,6 +88,7 @@ class HeterogeneitySettings:
     margin: float = 10.0
     time_scale: float | None = None  # overrides the computed one
     compute_runs: int = 100
+    calibration_frames: int = 40
     deadline_ms: int = 10_000
     timeout_s: float = 30.0
     epsilon: float = 0.05
@@ -114,24 +123,75 @@ class _Case:
     bundle: Bundle
     plan: Plan
     native_ms: dict[int, float]  # student k alone on one core, p50
+    in_cluster_ms: dict[str, float]  # each device's compute p50 with the whole plan running
 
     def predicted_device_times(self, fleet: Fleet) -> list[tuple[str, int, str, float, float]]:
         """(device, partition, group, compute s, link s) as the planner's model predicts."""
-        out = []
-        for group in self.plan.groups:
-            for member in group.members:
-                device = fleet.by_id(member.device)
-                compute = FLOPS_PER_MAC * group.student.macs / device.flops
-                link = 8.0 * output_bytes(len(group.filters)) / device.rate
-                out.append((member.device, group.partition, group.id, compute, link))
-        return out
+        return predicted_device_times(self.plan, fleet)
 
     def min_scale(self, fleet: Fleet) -> float:
-        """The time scale at which the relatively fastest device runs at native speed."""
+        """The time scale at which the relatively fastest device runs without slowdown."""
         return max(
-            self.native_ms[p] / 1000.0 / compute
-            for _, p, _, compute, _ in self.predicted_device_times(fleet)
+            self.in_cluster_ms[device] / 1000.0 / compute
+            for device, _, _, compute, _ in self.predicted_device_times(fleet)
         )
+
+
+def predicted_device_times(plan: Plan, fleet: Fleet) -> list[tuple[str, int, str, float, float]]:
+    out = []
+    for group in plan.groups:
+        for member in group.members:
+            device = fleet.by_id(member.device)
+            compute = FLOPS_PER_MAC * group.student.macs / device.flops
+            link = 8.0 * output_bytes(len(group.filters)) / device.rate
+            out.append((member.device, group.partition, group.id, compute, link))
+    return out
+
+
+def calibrate(
+    bundle: Bundle, plan: Plan, fleet: Fleet, settings: HeterogeneitySettings
+) -> dict[str, float]:
+    """Each device's compute p50 (ms) with the plan running undisturbed on this machine.
+
+    The emulated slowdown multiplies the compute time a device measures, and with every
+    device of the plan sharing this machine's cores that is longer than a student alone
+    takes; calibrating on it keeps the emulated times at the planned ones.
+    """
+    specs = [
+        DeviceSpec(device, partition, group=group)
+        for device, partition, group, _, _ in predicted_device_times(plan, fleet)
+    ]
+    frames = sample_frames(bundle, 32)
+    stats: dict[str, Stats] = {}
+
+    def on_stats(message: Message) -> None:
+        with contextlib.suppress(ProtocolError):
+            decoded = Stats.decode(message.payload)
+            if decoded.kind == "device" and "compute" in decoded.latency_ms:
+                stats[decoded.node] = decoded
+
+    with LocalCluster(bundle.root, specs, stats_interval_s=_CALIBRATION_STATS_S) as cluster:
+        monitor = Bus(
+            BrokerConfig.from_url(cluster.url),
+            node="het-calibration",
+            kind="monitor",
+            topics=cluster.topics,
+        )
+        monitor.subscribe(cluster.topics.all_stats, on_stats)
+        with (
+            monitor,
+            Source(cluster.url, source_id="het-cal", deployment=cluster.deployment) as source,
+        ):
+            for index in range(settings.calibration_frames):
+                source.infer(frames[index % len(frames)], settings.timeout_s)
+            stats.clear()  # only stats published after every frame was answered
+            deadline = time.monotonic() + 10 * _CALIBRATION_STATS_S
+            while len(stats) < len(specs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    missing = sorted({spec.id for spec in specs} - set(stats))
+    if missing:
+        raise MqttInferError(f"no compute stats from {missing} during calibration")
+    return {node: s.latency_ms["compute"].p50 for node, s in stats.items()}
 
 
 def prepare(
@@ -146,7 +206,8 @@ def prepare(
         ).p50
         for s in bundle.students
     }
-    return _Case(strategy, bundle, plan, native)
+    log.info("%s: calibrating the devices' compute with the plan running", strategy)
+    return _Case(strategy, bundle, plan, native, calibrate(bundle, plan, fleet, settings))
 
 
 def emulation(case: _Case, fleet: Fleet, scale: float) -> list[Emulated]:
@@ -158,7 +219,7 @@ def emulation(case: _Case, fleet: Fleet, scale: float) -> list[Emulated]:
             group=group,
             compute_s=compute,
             link_s=link,
-            slowdown=max(1.0, scale * compute * 1000.0 / case.native_ms[partition]),
+            slowdown=max(1.0, scale * compute * 1000.0 / case.in_cluster_ms[device]),
             link_rate=fleet.by_id(device).rate / scale,
         )
         for device, partition, group, compute, link in case.predicted_device_times(fleet)
@@ -178,6 +239,7 @@ def run_case(
     frames = sample_frames(case.bundle, 32)
     e2e: list[float] = []
     slowest: list[float] = []
+    compute: list[float] = []
     degraded = 0
     with (
         LocalCluster(case.bundle.root, specs, stats_interval_s=30.0) as cluster,
@@ -201,6 +263,7 @@ def run_case(
                 continue
             e2e.append(result.latency_ms)
             slowest.append(result.breakdown.get("e2e_ms", float("nan")))
+            compute.append(result.breakdown.get("compute_ms", float("nan")))
     measured = Summary.of(e2e)
     return {
         "strategy": case.strategy,
@@ -212,10 +275,12 @@ def run_case(
         "predicted_unscaled_s": case.plan.predicted.all_up_latency_s,
         "measured_p50_ms": measured.p50,
         "measured_p99_ms": measured.p99,
-        "slowest_partial_p50_ms": Summary.of(slowest).p50,
+        "aggregator_e2e_p50_ms": Summary.of(slowest).p50,
+        "slowest_compute_p50_ms": Summary.of(compute).p50,
         "frames": measured.n,
         "degraded": degraded,
         "native_student_ms": {str(k): round(v, 4) for k, v in case.native_ms.items()},
+        "in_cluster_compute_ms": {k: round(v, 4) for k, v in case.in_cluster_ms.items()},
         "emulated": [asdict(e) for e in emulated],
         "plan_groups": {
             g.id: {
