@@ -43,10 +43,11 @@ class SyntheticBundle:
         padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
         windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
         windows = windows[:, :, ::2, ::2]  # stride 2: [N, C, H', W', 3, 3]
-        out = (
+        out: npt.NDArray[np.float32] = (
             np.einsum("nchwij,ocij->nohw", windows, self.kernels[k]) + self.biases[k][:, None, None]
         )
-        return np.maximum(out, 0).mean(axis=(2, 3)).astype(np.float32)
+        pooled: npt.NDArray[np.float32] = np.maximum(out, 0).mean(axis=(2, 3)).astype(np.float32)
+        return pooled
 
     def reference_logits(
         self, frames_u8: npt.NDArray[np.uint8], missing: tuple[int, ...] = ()
