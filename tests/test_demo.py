@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pytest
 
 from mqttinfer import demo_broker
+from mqttinfer.bundle import Bundle, demo_bundle_path
 from mqttinfer.demo import demo_layout, load_demo_frames, sample_path, victim_group
 from mqttinfer.demo_tally import Answer, PhaseTally
 from mqttinfer.errors import ConfigError, DependencyError
@@ -210,6 +211,35 @@ def test_demo_json_end_to_end(fmnist_bundle: SyntheticBundle) -> None:
     assert report["checks"]["accuracy_matches_bundle"] is None  # 150 frames, not the first 1000
     assert report["ok"] is True
     assert "phase group_killed" in done.stderr  # progress lines go to stderr
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_demo_with_the_shipped_bundle_keeps_its_promises() -> None:
+    """The done-when of the demo, on the shipped bundle and the first 1000 test images."""
+    shipped = demo_bundle_path()
+    if not (shipped / "bundle.json").is_file():
+        pytest.skip("the shipped demo bundle is not built here")
+    recorded = Bundle.load(shipped).accuracy["first_1000"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mqttinfer", "demo", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    phases = report["phases"]
+    assert all(phase["lost"] == 0 and phase["results"] == 1000 for phase in phases.values())
+    for name in ("intact", "replica_killed"):
+        assert phases[name]["degraded"] == 0, name
+        assert abs(phases[name]["accuracy"] - recorded) <= 0.01, (name, recorded)
+    assert phases["group_killed"]["degraded"] == 1000
+    assert report["bundle"]["recorded_accuracy"] == recorded
+    assert report["checks"]["accuracy_matches_bundle"] is True and report["ok"] is True
 
 
 def _children(pid: int) -> dict[int, str]:
