@@ -75,6 +75,9 @@ _LOST_GRACE_S = 3.0
 # no frame comes back degraded while a replica of every partition lives; the pure-Python
 # amqtt broker is about three times slower, and its first frames took up to a second.
 DEADLINE_MS = 2000
+# Paced, so that latencies show the system rather than the queue of a flood, and the four
+# phases take about 40 s; a machine that cannot keep up is held back by the window instead.
+RATE = 100.0
 AMQTT_DEADLINE_MS = 5000
 _OFFLINE_WAIT_S = 15.0
 _POLL_S = 0.05
@@ -164,7 +167,7 @@ class DemoSettings:
 
     bundle: Path
     frames: int = 1000
-    rate: float = 0.0
+    rate: float = RATE
     window: int = 16
     deadline_ms: int | None = None  # None: DEADLINE_MS, or AMQTT_DEADLINE_MS on amqtt
     broker: str | None = None
@@ -572,7 +575,7 @@ def demo(
     ] = 1000,
     rate: Annotated[
         float, typer.Option(help="Frames per second at most; 0: as fast as --window allows.")
-    ] = 0.0,
+    ] = RATE,
     window: Annotated[int, typer.Option(help="Frames in flight (sent, unanswered) at most.")] = 16,
     deadline_ms: Annotated[
         int | None,

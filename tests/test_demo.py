@@ -179,7 +179,7 @@ def child_env() -> dict[str, str]:
 @pytest.mark.broker
 def test_demo_json_end_to_end(fmnist_bundle: SyntheticBundle) -> None:
     done = subprocess.run(
-        demo_argv(fmnist_bundle, "--frames", str(E2E_FRAMES), "--json"),
+        demo_argv(fmnist_bundle, "--frames", str(E2E_FRAMES), "--rate", "0", "--json"),
         check=False,
         capture_output=True,
         text=True,
@@ -222,7 +222,7 @@ def test_demo_with_the_shipped_bundle_keeps_its_promises() -> None:
         pytest.skip("the shipped demo bundle is not built here")
     recorded = Bundle.load(shipped).accuracy["first_1000"]
     done = subprocess.run(
-        [sys.executable, "-m", "mqttinfer", "demo", "--json"],
+        [sys.executable, "-m", "mqttinfer", "demo", "--json", "--rate", "0"],
         check=False,
         capture_output=True,
         text=True,
