@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/summarize.py [bench-results] > /tmp/tables.md
 
-Reads whichever of ``latency*.json``, ``failures.json``, ``aggregator.json`` and
-``heterogeneity.json`` exist in the folder (a latency run per bundle, e.g. ``latency.json``
-for the demo bundle and ``timing/latency.json`` for the timing bundle, found recursively), so
-the numbers in the document are the ones the commands wrote, not retyped.
+Reads every ``latency.json``, ``failures.json``, ``aggregator.json`` and
+``heterogeneity.json`` under the folder (recursively: one ``--out`` folder per run, e.g.
+``demo/`` and ``timing/`` for the two latency runs), so the numbers in the document are the
+ones the commands wrote, not retyped.
 """
 
 from __future__ import annotations
@@ -226,9 +226,8 @@ def main(argv: list[str]) -> int:
         ("heterogeneity.json", "heterogeneity", heterogeneity_table),
     )
     for name, title, table in sections:
-        path = root / name
-        if path.is_file():
-            print(f"### {title}\n\n{table(_load(path))}\n")
+        for path in sorted(root.rglob(name)):
+            print(f"### {title}: {path.parent}\n\n{table(_load(path))}\n")
     return 0
 
 

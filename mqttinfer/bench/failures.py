@@ -332,12 +332,14 @@ def plot_failures(rows: Sequence[Mapping[str, Any]], path: Path, images: int) ->
         "nonn": "tab:green",
     }
     main_head = heads[0]
-    for strategy in strategies:
+    for index, strategy in enumerate(strategies):
+        # A small sideways shift per strategy keeps the error bars apart.
+        shift = 0.06 * (index - (len(strategies) - 1) / 2)
         mine = sorted(
             (r for r in rows if r["strategy"] == strategy and r["head"] == main_head),
             key=lambda r: r["failed"],
         )
-        x = [r["failed"] for r in mine]
+        x = [r["failed"] + shift for r in mine]
         mean = np.array([r["mean"] for r in mine])
         # Clipped: float rounding can put the mean a hair outside [min, max].
         low = np.maximum(0.0, mean - np.array([r["min"] for r in mine]))

@@ -336,12 +336,15 @@ def plot_heterogeneity(rows: Sequence[dict[str, Any]], path: Path) -> None:
     x = np.arange(len(rows))
     predicted = [r["predicted_ms"] for r in rows]
     measured = [r["measured_p50_ms"] for r in rows]
-    bars.bar(x - 0.2, predicted, 0.4, label="predicted (planner, scaled)")
-    bars.bar(x + 0.2, measured, 0.4, label="measured e2e p50 (runtime)")
+    compute = [r["slowest_compute_p50_ms"] for r in rows]
+    bars.bar(x - 0.27, predicted, 0.27, label="predicted (planner, scaled)")
+    bars.bar(x, compute, 0.27, label="measured: emulated compute of the deciding partial, p50")
+    bars.bar(x + 0.27, measured, 0.27, label="measured: end to end p50")
     bars.set_xticks(x, names)
     bars.set_ylabel("ms (emulated time scale)")
     bars.set_title("predicted vs measured latency per strategy")
-    bars.legend(fontsize=8)
+    bars.set_ylim(0, max([*predicted, *measured, *compute, 1.0]) * 1.45)
+    bars.legend(fontsize=7, loc="upper left")
     scatter.scatter(predicted, measured)
     for name, p, m in zip(names, predicted, measured, strict=True):
         scatter.annotate(name, (p, m), textcoords="offset points", xytext=(4, 4), fontsize=8)
