@@ -52,8 +52,10 @@ COUNTER_NAMES = (
     "dead_fired",  # fired because every missing partition had no live replica
     "evicted",  # fired because the open-slot bound was reached
     "orphaned",  # fired on the deadline without ever seeing the frame header
-    "duplicate",  # a second partial for a partition already filled (or a repeated frame)
-    "late",  # a partial or frame for a slot that has already fired
+    "duplicate",  # a partial for a partition already filled, before or after firing (a
+    #               redundant replica: normal), or a repeated frame header
+    "late",  # a partial that would have filled a missing partition but came after firing
+    #          (it cost accuracy), or a frame header for a slot that already fired
     "rejected",  # a partial for an unknown partition or with the wrong number of features
     "stale_status",  # a status message older than the newest known for that node
 )
@@ -192,7 +194,9 @@ class Aggregation:
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # in order of opening
         self._deadlines: list[tuple[float, int, str]] = []  # heap; stale entries skipped
         self._seq = 0
-        self._fired_ids: OrderedDict[str, None] = OrderedDict()  # bounded LRU of fired ids
+        # Bounded LRU of fired frame ids -> the partitions they fired with, so a partial after
+        # firing can be told apart: a redundant replica (duplicate) or one that came too late.
+        self._fired_ids: OrderedDict[str, frozenset[int]] = OrderedDict()
         self._nodes: dict[str, _NodeState] = {}
         self._dead: frozenset[int] = frozenset()  # derived from _nodes on every status
 
@@ -242,7 +246,11 @@ class Aggregation:
         if width is None or vector.shape[0] != width or not np.isfinite(vector).all():
             self._count("rejected")
             return PartialResult(PartialOutcome.REJECTED)
-        if frame_id in self._fired_ids:
+        fired_with = self._fired_ids.get(frame_id)
+        if fired_with is not None:
+            if partition in fired_with:
+                self._count("duplicate")
+                return PartialResult(PartialOutcome.DUPLICATE)
             self._count("late")
             return PartialResult(PartialOutcome.LATE)
         slot = self._slots.get(frame_id)
@@ -366,7 +374,7 @@ class Aggregation:
 
     def _fire(self, slot: _Slot, reason: str, now: float) -> Fired:
         del self._slots[slot.frame_id]
-        self._remember_fired(slot.frame_id)
+        self._remember_fired(slot.frame_id, frozenset(slot.arrivals))
         missing = tuple(sorted(self._missing(slot)))
         self._count_fire(reason, missing, slot)
         return Fired(
@@ -396,8 +404,8 @@ class Aggregation:
         }
         self._count(by_reason[reason])
 
-    def _remember_fired(self, frame_id: str) -> None:
-        self._fired_ids[frame_id] = None
+    def _remember_fired(self, frame_id: str, present: frozenset[int]) -> None:
+        self._fired_ids[frame_id] = present
         while len(self._fired_ids) > self.config.remember_fired:
             self._fired_ids.popitem(last=False)
 

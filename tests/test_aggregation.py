@@ -155,14 +155,27 @@ def test_second_replica_is_a_duplicate_and_first_one_wins() -> None:
     assert agg.counters["duplicate"] == 1
 
 
-def test_partials_and_frames_after_firing_are_late() -> None:
+def test_replica_after_complete_firing_is_a_duplicate_and_frame_header_late() -> None:
     agg = make()
     agg.open_frame("f", "cam", 0.0)
     feed_all(agg, "f", 0.1)
-    late = agg.add_partial("f", 0, "z", feats(0), 0.2)
-    assert late.outcome is PartialOutcome.LATE and late.fired == ()
+    twin = agg.add_partial("f", 0, "z", feats(0), 0.2)
+    assert twin.outcome is PartialOutcome.DUPLICATE and twin.fired == ()
     assert agg.open_frame("f", "cam", 0.3) == ()
-    assert agg.counters["late"] == 2 and agg.open_count == 0
+    assert agg.counters["duplicate"] == 1
+    assert agg.counters["late"] == 1 and agg.open_count == 0
+
+
+def test_missing_partition_after_degraded_firing_is_late() -> None:
+    agg = make()
+    agg.open_frame("f", "cam", 0.0, deadline_ms=100)
+    agg.add_partial("f", 0, "a0", feats(0), 0.01)
+    only(agg.tick(0.2))
+    late = agg.add_partial("f", 1, "a1", feats(1), 0.3)
+    assert late.outcome is PartialOutcome.LATE and late.fired == ()
+    twin = agg.add_partial("f", 0, "b0", feats(0), 0.3)
+    assert twin.outcome is PartialOutcome.DUPLICATE
+    assert agg.counters["late"] == 1 and agg.counters["duplicate"] == 1
 
 
 def test_repeated_frame_header_is_a_duplicate() -> None:
@@ -181,7 +194,9 @@ def test_fired_memory_is_bounded_lru() -> None:
     assert not agg.has_fired("a") and agg.has_fired("b") and agg.has_fired("c")
     # Forgotten ids open a fresh slot (the bound trades memory for rare double answers).
     assert agg.add_partial("a", 0, "x", feats(0), 1.0).outcome is PartialOutcome.ACCEPTED
-    assert agg.add_partial("b", 0, "x", feats(0), 1.0).outcome is PartialOutcome.LATE
+    assert (
+        agg.add_partial("b", 0, "x", feats(0), 1.0).outcome is PartialOutcome.DUPLICATE
+    )  # remembered: a redundant replica
 
 
 # Rejected -----------------------------------------------------------------------------------
@@ -468,9 +483,11 @@ class AggregationMachine(RuleBasedStateMachine):
             assert frame not in self.fired
             self.first_partial[(frame, p)] = node
         elif result.outcome is PartialOutcome.LATE:
-            assert frame in self.fired
+            assert frame in self.fired and p in self.fired[frame].missing
         else:
-            assert result.outcome is PartialOutcome.DUPLICATE and was_open
+            assert result.outcome is PartialOutcome.DUPLICATE
+            # Either a twin while the slot is open, or a replica of a partition it fired with.
+            assert was_open or (frame in self.fired and p not in self.fired[frame].missing)
         self._record(result.fired)
 
     @rule(node=st.sampled_from(sorted(NODES)), online=st.booleans(), bump=st.booleans())
