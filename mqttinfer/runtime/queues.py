@@ -132,7 +132,13 @@ class RollingQuantiles:
         if values.size == 0:
             return Quantiles(p50=0.0, p99=0.0, mean=0.0, n=0)
         p50, p99 = np.percentile(values, [50.0, 99.0])
-        return Quantiles(p50=float(p50), p99=float(p99), mean=float(values.mean()), n=values.size)
+        # Microsecond resolution is all a millisecond latency needs; it keeps stats readable.
+        return Quantiles(
+            p50=round(float(p50), 3),
+            p99=round(float(p99), 3),
+            mean=round(float(values.mean()), 3),
+            n=values.size,
+        )
 
 
 def build_stats(
@@ -152,10 +158,10 @@ def build_stats(
     return Stats(
         node=node,
         kind=kind,
-        ts=time.time() if ts is None else ts,
+        ts=round(time.time() if ts is None else ts, 3),
         interval_s=float(interval_s),
         counters=dict(counters),
-        gauges={k: float(v) for k, v in (gauges or {}).items()},
+        gauges={k: round(float(v), 3) for k, v in (gauges or {}).items()},
         latency_ms=quantiles,
     )
 
