@@ -128,6 +128,10 @@ ProgressOpt = Annotated[
     bool | None,
     typer.Option("--progress/--no-progress", help="Progress bars [default: when on a terminal]."),
 ]
+AtolOpt = Annotated[
+    float | None,
+    typer.Option("--atol", help="Export check: max |onnx - torch| per unit of output scale."),
+]
 PlanOpt = Annotated[
     Path | None,
     typer.Option(
@@ -372,6 +376,7 @@ def export(
     teacher_onnx: TeacherOnnxOpt = None,
     with_activations: ActsOpt = None,
     max_bundle_mb: MaxMbOpt = None,
+    atol: AtolOpt = None,
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -388,6 +393,7 @@ def export(
                 "include_teacher": teacher_onnx,
                 "include_activations": with_activations,
                 "max_bundle_mb": max_bundle_mb,
+                "atol": atol,
             }
         },
     )
@@ -433,6 +439,7 @@ def all_stages(
     teacher_onnx: TeacherOnnxOpt = None,
     with_activations: ActsOpt = None,
     max_bundle_mb: MaxMbOpt = None,
+    atol: AtolOpt = None,
     plan: PlanOpt = None,
     resume: ResumeOpt = True,
     progress: ProgressOpt = None,
@@ -494,6 +501,7 @@ def all_stages(
                 "include_teacher": teacher_onnx,
                 "include_activations": with_activations,
                 "max_bundle_mb": max_bundle_mb,
+                "atol": atol,
             },
         },
     )
