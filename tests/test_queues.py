@@ -112,9 +112,10 @@ def test_rolling_quantiles_match_numpy_over_the_window() -> None:
     window = values[-100:]
     q = rolling.quantiles()
     assert q.n == 100
-    assert q.p50 == pytest.approx(np.percentile(window, 50))
-    assert q.p99 == pytest.approx(np.percentile(window, 99))
-    assert q.mean == pytest.approx(window.mean())
+    # Published to microsecond (3-decimal) resolution.
+    assert q.p50 == pytest.approx(np.percentile(window, 50), abs=5e-4)
+    assert q.p99 == pytest.approx(np.percentile(window, 99), abs=5e-4)
+    assert q.mean == pytest.approx(window.mean(), abs=5e-4)
 
 
 def test_build_stats_round_trips_through_the_wire_format() -> None:
