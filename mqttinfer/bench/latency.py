@@ -445,7 +445,9 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     if ratios["speedup_measured"] is not None:
         title += f", speedup {ratios['speedup_measured']:.2f}x"
     times.set_title(title)
-    times.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, -0.18), ncols=3)
+    longest = max(lat["floor"]["p50"], lat["e2e"]["p50"], (lat["teacher"] or {"p50": 0.0})["p50"])
+    times.set_xlim(0, longest * 1.6)  # room for the legend on the right
+    times.legend(fontsize=7, loc="center right")
     partials = report["bytes"]["partials"]
     labels = ["mqttinfer\n(fp16 pooled)", "JSON\n(pooled)", "fp32 map\n(NoNN/RoCoIn)"]
     values = [float(np.mean([p[key] for p in partials])) for key in ("payload", "json", "fp32_map")]
