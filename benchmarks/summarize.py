@@ -216,10 +216,53 @@ def heterogeneity_table(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def spread_table(paths: list[Path], root: Path) -> str:
+    """One line per latency run: the ratios and the load it ran under."""
+    out = [
+        row(
+            "run",
+            "bundle",
+            "load",
+            "floor p50",
+            "e2e p50",
+            "overhead",
+            "speedup",
+            "projected",
+            "tp/bound",
+        ),
+        row(*["---"] * 2, *["---:"] * 7),
+    ]
+    for path in paths:
+        report = _load(path)
+        lat, ratios = report["latency_ms"], report["ratios"]
+        load = report["machine"].get("load_average") or ["?"]
+        speedup = ratios["speedup_measured"]
+        projected = ratios["speedup_projected"]
+        out.append(
+            row(
+                path.parent.relative_to(root),
+                report["bundle"]["name"],
+                load[0],
+                f"{lat['floor']['p50']:.2f} ms",
+                f"{lat['e2e']['p50']:.2f} ms",
+                f"{ratios['overhead_p50']:.2f}",
+                "n/a" if speedup is None else f"{speedup:.2f}×",
+                "n/a" if projected is None else f"{projected:.2f}×",
+                f"{ratios['throughput_vs_compute_bound']:.2f}",
+            )
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
     root = Path(argv[1]) if len(argv) > 1 else Path("bench-results")
-    for path in sorted(root.rglob("latency.json")):
-        print(f"### latency: {path.parent}\n\n{latency_tables(_load(path), path)}\n")
+    runs = sorted(root.rglob("latency.json"))
+    for name in ("demo", "timing"):
+        path = root / name / "latency.json"
+        if path.is_file():
+            print(f"### latency: {path.parent}\n\n{latency_tables(_load(path), path)}\n")
+    if runs:
+        print(f"### latency runs\n\n{spread_table(runs, root)}\n")
     sections = (
         ("failures.json", "failures", failures_table),
         ("aggregator.json", "aggregator", aggregator_table),
