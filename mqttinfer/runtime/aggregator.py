@@ -7,12 +7,15 @@ Subscriptions (under ``mqttinfer/<deployment>/``):
 - ``partials/+/+``: partition and device come from the topic;
 - ``status/+``: device births and wills, which tell which partitions have a live replica.
 
-Threads: paho's network thread only appends messages to a bounded queue. One worker thread owns
-the state machine: it decodes, feeds the machine, applies the head and publishes, and between
-messages it wakes at the next deadline (at most every ``tick_ms``) to fire expired slots and,
-every ``stats_interval_s``, publishes ``stats/<node>``. One owner means no locks around the state
-machine, and under load the machine is ticked after every message, so deadlines are honoured even
-when the queue never empties.
+Threads: each message is handled on paho's network thread, in the bus handler: decoding, the
+state machine, the head (a matmul of a few dozen features) and the result's publish are tens of
+microseconds, bounded per message, and never sleep, so the network thread is never held up, and
+a frame costs no hand-off to another thread (measured: ~0.6 ms of latency and ~200 µs of CPU per
+frame on a shared 2-core machine, see docs/benchmarks.md). A flood is bounded by TCP itself: the
+broker cannot deliver faster than the handler consumes. One ticker thread wakes at the next
+deadline (at most every ``tick_ms``) to fire expired slots and, every ``stats_interval_s``,
+publishes ``stats/<node>``. Both threads take one lock around the state machine; under load the
+machine is also ticked after every message, so deadlines are honoured even when the ticker waits.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from mqttinfer.protocol import DEFAULT_LIMITS, Frame, Limits, Partial, Result, S
 from mqttinfer.runtime.bus import Handler, Message
 from mqttinfer.runtime.queues import (
     Counters,
-    DropOldestQueue,
     RollingQuantiles,
     build_stats,
 )
@@ -78,6 +80,8 @@ class AggregatorSettings:
     max_open: int = 256
     default_deadline_ms: int = 1000
     remember_fired: int = 8192
+    # Unused since messages are handled on the network thread (no queue); kept so existing
+    # callers and configs that pass it still work.
     queue_size: int = 10_000
     tick_ms: float = 5.0
     stats_interval_s: float = 2.0
@@ -125,9 +129,15 @@ class Aggregator:
             *(f"rejected_{kind}" for kind in MESSAGE_KINDS),
         )
         self.latency = {name: RollingQuantiles() for name in ("e2e", "fc", "compute", "transport")}
-        self._queue: DropOldestQueue[Message] = DropOldestQueue(settings.queue_size)
+        # Serialises the state machine between the network thread and the ticker.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        # Set by the network thread only when a new deadline is earlier than the ticker's
+        # planned wake-up (rare: deadlines are far beyond tick_ms), so no wake-up per frame.
+        self._wake = threading.Event()
+        self._ticker_wakes_at = math.inf
         self._worker: threading.Thread | None = None
-        # time.monotonic() of the worker's latest pass through its loop (see healthy()).
+        # time.monotonic() of the ticker's latest pass through its loop (see healthy()).
         self._heartbeat = time.monotonic()
         self._next_stats = clock() + settings.stats_interval_s
         self._last_rates: tuple[float, dict[str, int]] | None = None
@@ -146,44 +156,60 @@ class Aggregator:
         self.bus.subscribe(self.topics.all_status, self.enqueue, qos=1)
 
     def start(self) -> None:
-        """Subscribe and start the worker (the caller starts the bus)."""
+        """Subscribe and start the ticker (the caller starts the bus)."""
         self.subscribe()
-        self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="aggregator-ticker", daemon=True)
         self._worker.start()
 
     def healthy(self, max_age_s: float) -> bool:
-        """True while the worker runs and went round its loop within ``max_age_s`` (it wakes
-        at least every ``tick_ms`` to fire deadlines); the systemd watchdog pings on it."""
+        """True while the ticker runs and went round its loop within ``max_age_s`` (it wakes at
+        least every ``tick_ms`` and takes the state machine's lock, so a network thread stuck
+        inside the lock shows up too); the systemd watchdog pings on it."""
         worker = self._worker
         alive = worker is not None and worker.is_alive()
         return alive and time.monotonic() - self._heartbeat <= max_age_s
 
     def stop(self) -> None:
-        self._queue.close()
+        self._stopping.set()
+        self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout=5)
 
     # Network thread ------------------------------------------------------------------------
     def enqueue(self, message: Message) -> None:
-        """The bus handler: hand the message to the worker (never blocks the network thread)."""
-        self._queue.put(message)
+        """The bus handler: handle the message at once, on the network thread (bounded work,
+        no sleeping), then fire whatever deadlines passed. Never raises."""
+        try:
+            with self._lock:
+                self.handle(message)
+                self.tick()
+                deadline = self.machine.next_deadline()
+        except Exception:  # a bug must cost one message, never the aggregator
+            self.counters.inc("errors")
+            log.exception("aggregator failed on a message on %s", message.topic[:160])
+            return
+        if deadline is not None and deadline < self._ticker_wakes_at:
+            self._wake.set()
 
-    # Worker --------------------------------------------------------------------------------
+    # Ticker --------------------------------------------------------------------------------
     def _run(self) -> None:
         tick_s = self.settings.tick_ms / 1000.0
-        while not self._queue.closed:
+        while not self._stopping.is_set():
             self._heartbeat = time.monotonic()
-            message = self._queue.get(timeout_s=self._wait_s(tick_s))
             try:
-                if message is not None:
-                    self.handle(message)
-                self.tick()
-                if self._clock() >= self._next_stats:
-                    self._next_stats = self._clock() + self.settings.stats_interval_s
-                    self.publish_stats()
-            except Exception:  # a bug must cost one message, never the aggregator
+                with self._lock:
+                    self.tick()
+                    if self._clock() >= self._next_stats:
+                        self._next_stats = self._clock() + self.settings.stats_interval_s
+                        self.publish_stats()
+                    wait_s = self._wait_s(tick_s)
+                    self._ticker_wakes_at = self._clock() + wait_s
+            except Exception:  # a bug must cost one tick, never the aggregator
                 self.counters.inc("errors")
-                log.exception("aggregator worker failed on %s", message and message.topic[:160])
+                log.exception("aggregator ticker failed")
+                wait_s = tick_s
+            self._wake.wait(wait_s)
+            self._wake.clear()
 
     def _wait_s(self, tick_s: float) -> float:
         deadline = self.machine.next_deadline()
@@ -341,17 +367,18 @@ class Aggregator:
 
     # Stats ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, int]:
-        """Every counter: the state machine's, the wire rejects per kind, and the queue's."""
+        """Every counter: the state machine's and the wire rejects per kind
+        (``queue_dropped`` stays 0: messages are handled as they arrive, no queue drops them)."""
         counters = dict(self.machine.counters)
         own = self.counters.snapshot()
         counters.update(own)
         counters["rejected"] = sum(own[f"rejected_{kind}"] for kind in MESSAGE_KINDS)
-        counters["queue_dropped"] = self._queue.counters["dropped"]
+        counters["queue_dropped"] = 0
         return counters
 
     def publish_stats(self) -> None:
         counters = self.snapshot()
-        gauges = {"open_slots": float(self.machine.open_count), "queue_depth": len(self._queue)}
+        gauges = {"open_slots": float(self.machine.open_count), "queue_depth": 0.0}
         gauges["dead_partitions"] = float(len(self.machine.dead_partitions()))
         gauges.update(self._rates(counters))
         stats = build_stats(
