@@ -98,6 +98,7 @@ class DeviceSettings:
 class _Loaded:
     role: Role
     runner: StudentRunner
+    topic: str  # partials/<partition>/<node>, built once per role rather than per frame
 
 
 class Device:
@@ -198,6 +199,8 @@ class Device:
                 log.exception("unexpected error on a frame from %s", message.topic)
 
     def _load_pending_role(self) -> None:
+        if self._pending is None:  # the common case, checked without taking the lock
+            return
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is None:
@@ -209,7 +212,7 @@ class Device:
         role = loaded.role
         current = self._current
         if current is not None and _same_student(current.role, role):
-            self._current = _Loaded(role, current.runner)
+            self._current = _Loaded(role, current.runner, self._partial_topic(role))
             self.bus.update_status(role=role.summary(), serving="ready", error=None)
             log.info("%s: plan v%d keeps the same student", self.settings.node, role.plan_version)
             return
@@ -225,7 +228,7 @@ class Device:
         except MqttInferError as exc:
             self._on_role_error(str(exc))
             return
-        self._current = _Loaded(role, runner)
+        self._current = _Loaded(role, runner, self._partial_topic(role))
         self.counters.inc("roles_loaded")
         self._subscribe_frames(True)
         self.bus.update_status(role=role.summary(), serving="ready", error=None)
@@ -238,6 +241,9 @@ class Device:
             runner.output_dim,
             loaded.origin,
         )
+
+    def _partial_topic(self, role: Role) -> str:
+        return self.topics.partial(role.partition, self.settings.node)
 
     def _withdraw_role(self) -> None:
         self._current = None
@@ -293,7 +299,7 @@ class Device:
             queue_ms=queue_ms,
             plan_version=current.role.plan_version,
         )
-        topic = self.topics.partial(current.role.partition, self.settings.node)
+        topic = current.topic
         payload = partial.encode()
         if self.settings.link_rate_bps is not None:
             time.sleep(8.0 * len(payload) / self.settings.link_rate_bps)
