@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -87,6 +87,27 @@ class _PahoNoise(logging.Filter):
 
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOG.addFilter(_PahoNoise())
+
+
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's logger for one bus: logs to ``_PAHO_LOG`` and tells the bus why a read failed.
+
+    This replaces paho's ``on_log`` callback, for which paho formats every packet's debug line
+    (with its MQTT 5 properties: ~5 µs a packet) even when nobody logs at DEBUG; through a
+    logger, paho's lines are formatted only when enabled.
+    """
+
+    def __init__(self, on_socket_error: Callable[[str], None]) -> None:
+        super().__init__(_PAHO_LOG, {})
+        self._on_socket_error = on_socket_error
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and isinstance(msg, str) and msg.startswith(_SOCKET_ERRORS):
+            self._on_socket_error(msg % args if args else msg)
+        if _PAHO_LOG.isEnabledFor(level):  # one cheap check for paho's per-packet DEBUG lines
+            _PAHO_LOG.log(level, msg, *args, **kwargs)
+
+
 _SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
 
 # What `mqttinfer broker init` writes into each node's env file (broker_files.render_env).
@@ -315,7 +336,7 @@ class Bus:
         # Why connecting fails: each reason is logged at WARNING once, until the next connect.
         self._connect_problems: set[str] = set()
         self._refused = False  # the current attempt got a refusing CONNACK (already reported)
-        self._socket_error: str | None = None  # why paho's latest read failed (from on_log)
+        self._socket_error: str | None = None  # why paho's latest read failed (its log)
         self._protocol = _VERSIONS[config.mqtt_version]
         self._client = self._make_client()
 
@@ -453,7 +474,8 @@ class Bus:
             protocol=self._protocol,
             clean_session=None if mqtt5 else True,
         )
-        client.enable_logger(_PAHO_LOG)
+        # paho only ever calls .log(level, fmt, *args) on it.
+        client.enable_logger(cast(logging.Logger, _PahoLog(self._on_socket_error)))
         client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         client.max_queued_messages_set(_MAX_QUEUED_MESSAGES)
         if self.config.username is not None:
@@ -465,7 +487,6 @@ class Bus:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_log = self._on_paho_log
         client.on_socket_open = _disable_nagle
         with self._lock:
             for topic_filter in self._subs:
@@ -549,9 +570,11 @@ class Bus:
                 received=time.monotonic(),
             )
             self.counters.inc("received")
-            with self._lock:
-                sub = self._subs.get(topic_filter)
-                handlers = list(sub.handlers) if sub else []
+            # No lock on this per-message path: dict.get and copying the list to a tuple are
+            # single operations under the GIL, and subscribe/unsubscribe only ever append to a
+            # subscription's list or replace the dict entry.
+            sub = self._subs.get(topic_filter)
+            handlers = tuple(sub.handlers) if sub is not None else ()
             for handler in handlers:
                 try:
                     handler(message)
@@ -681,11 +704,10 @@ class Bus:
         # unknown host, failed TLS handshake).
         self._connect_problem(_failure_reason(sys.exc_info()[1]))
 
-    def _on_paho_log(self, _client: mqtt.Client, _userdata: Any, level: int, text: str) -> None:
+    def _on_socket_error(self, text: str) -> None:
         # The only place paho tells why a read failed, e.g. the broker's TLS alert when it
         # wants a client certificate; _on_disconnect reports it.
-        if level == mqtt.MQTT_LOG_ERR and text.startswith(_SOCKET_ERRORS):
-            self._socket_error = text
+        self._socket_error = text
 
     def _connect_problem(self, reason: str) -> None:
         """Log why connecting failed: at WARNING the first time this reason comes up."""
