@@ -95,6 +95,25 @@ class _Pending:
     truth: int | None
 
 
+class _Waiter:
+    """One ``infer`` call waiting for its result: a lock held until the result is in.
+
+    A bare lock is the cheapest wake-up CPython has (a Condition allocates a lock per wait and
+    wakes every waiter), and ``infer`` waits once per frame.
+    """
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: Result | None = None
+
+    def deliver(self, result: Result) -> None:
+        self.result = result
+        self.done.release()
+
+
 def frame_id_prefix() -> str:
     return secrets.token_hex(4)
 
@@ -154,7 +173,7 @@ class Source:
         # Frames no longer pending, to tell late results and duplicates from results that were
         # never ours: the _Pending of a frame that timed out, or None once it was answered.
         self._recent: OrderedDict[str, _Pending | None] = OrderedDict()
-        self._waiting: dict[str, Result | None] = {}
+        self._waiting: dict[str, _Waiter] = {}
         self._results: DropOldestQueue[Result] = DropOldestQueue(max_pending)
         self.bus.subscribe(self.topics.result(source_id), self._on_message, qos=RESULT_QOS)
 
@@ -229,20 +248,19 @@ class Source:
     ) -> Result:
         """Publish ``frame`` and wait for its result (InferTimeoutError after ``timeout_s``)."""
         frame_id = self.next_frame_id()
+        waiter = _Waiter()
         with self._lock:
-            self._waiting[frame_id] = None
+            self._waiting[frame_id] = waiter
         try:
             self.publish(frame, label, frame_id=frame_id)
-            with self._lock:
-                if not self._lock.wait_for(lambda: self._waiting[frame_id] is not None, timeout_s):
-                    raise InferTimeoutError(frame_id, timeout_s)
-                result = self._waiting[frame_id]
+            if not waiter.done.acquire(timeout=max(0.0, timeout_s)):
+                raise InferTimeoutError(frame_id, timeout_s)
         finally:
             with self._lock:
                 self._waiting.pop(frame_id, None)
-        if result is None:  # unreachable: wait_for returned True
+        if waiter.result is None:  # unreachable: deliver() sets it before releasing
             raise InferTimeoutError(frame_id, timeout_s)
-        return result
+        return waiter.result
 
     # ------------------------------------------------------------------ receiving
     def results(self, timeout_s: float | None = None) -> Iterator[Result]:
@@ -291,7 +309,7 @@ class Source:
             self._recent.popitem(last=False)
 
     def _on_message(self, message: Message) -> None:
-        received = time.monotonic()
+        received = message.received  # arrival, stamped by the bus before any decoding
         try:
             envelope = ResultEnvelope.decode(message.payload, self.limits)
         except ProtocolError as exc:
@@ -320,10 +338,12 @@ class Source:
                 return None
             self._remember(envelope.frame, None)
             result = self._result(envelope, pending, received)
-            waited = envelope.frame in self._waiting
-            if waited:
-                self._waiting[envelope.frame] = result
-                self._lock.notify_all()
+            # Each frame is accepted once (the pending entry is popped above), so a waiter is
+            # delivered to at most once.
+            waiter = self._waiting.get(envelope.frame)
+            waited = waiter is not None
+            if waiter is not None:
+                waiter.deliver(result)
         self._count(result, late)
         if not waited and self._results.put(result) is not None:
             self.counters.inc("dropped_results")
