@@ -53,6 +53,25 @@ def test_close_wakes_a_blocked_consumer_and_refuses_new_items() -> None:
     assert len(queue) == 0
 
 
+def test_close_wakes_every_consumer_after_the_queued_items() -> None:
+    queue: DropOldestQueue[int] = DropOldestQueue(4)
+    results: list[int | None] = []
+    consumers = [
+        threading.Thread(target=lambda: results.append(queue.get(timeout_s=10))) for _ in range(3)
+    ]
+    for consumer in consumers:
+        consumer.start()
+    time.sleep(0.05)
+    queue.put(1)
+    queue.close()
+    for consumer in consumers:
+        consumer.join(timeout=2)
+    assert not any(consumer.is_alive() for consumer in consumers)
+    assert sorted(results, key=lambda r: -1 if r is None else r) == [None, None, 1]
+    assert queue.get(timeout_s=None) is None  # closed: never blocks again
+    assert queue.counters.snapshot() == {"enqueued": 1, "dropped": 0, "dequeued": 1}
+
+
 def test_queue_rejects_zero_size() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         DropOldestQueue(0)
@@ -89,9 +108,12 @@ def test_concurrent_producers_lose_nothing_but_the_counted_drops() -> None:
 
 def test_counters_are_thread_safe_and_read_like_a_mapping() -> None:
     counters = Counters("a")
-    threads = [
-        threading.Thread(target=lambda: [counters.inc("a") for _ in range(5000)]) for _ in range(4)
-    ]
+
+    def bump() -> None:
+        for _ in range(5000):
+            counters.inc("a")
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

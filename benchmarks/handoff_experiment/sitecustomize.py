@@ -1,24 +1,25 @@
-"""EXPERIMENT, not product code: what the device's and aggregator's worker-thread hand-off costs.
+"""EXPERIMENT, not product code: what the device's worker-thread hand-off still costs.
 
-The runtime hands every frame (device) and every message (aggregator) from paho's network
-thread to a worker thread through a queue. This module, put on ``PYTHONPATH`` of the device and
-aggregator processes, patches them at interpreter start-up to do the work on the network
-thread instead, so ``mqttinfer bench latency`` can measure the difference in one command::
+A device hands every frame from paho's network thread to its worker thread through a queue, and
+the worker's publish goes back to the network thread (inference must stay off the network
+thread). This module, put on ``PYTHONPATH`` of the device processes, patches them at
+interpreter start-up to do the work on the network thread instead, so ``mqttinfer bench
+latency`` can measure the difference in one command::
 
-    MQTTINFER_INLINE=aggregator,device PYTHONPATH=benchmarks/handoff_experiment \\
-        .venv/bin/python -m mqttinfer bench latency --bundle DIR --out /tmp/inline
+    MQTTINFER_INLINE=device PYTHONPATH=benchmarks/handoff_experiment \\
+        .venv/bin/python -m mqttinfer bench latency --out /tmp/inline
 
-(``LocalCluster`` passes ``PYTHONPATH`` on to its children.) The inline variants give up what
-the queues are for: a device computing on its network thread cannot drop stale frames or
-answer keepalives while it computes, and an aggregator flood is not bounded by the queue. The
-aggregator variant keeps a timer thread that ticks deadlines under the same lock.
+(``LocalCluster`` passes ``PYTHONPATH`` on to its children.) The inline variant gives up what
+the queue is for: a device computing on its network thread cannot drop stale frames or answer
+keepalives while it computes. The aggregator half of the original experiment became the
+product: the aggregator handles every message on its network thread since 2026-11-24
+(``mqttinfer/runtime/aggregator.py``), so ``aggregator`` in ``MQTTINFER_INLINE`` is ignored.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Any
 
 _MODE = os.environ.get("MQTTINFER_INLINE", "")
@@ -34,22 +35,3 @@ if "device" in _MODE:
             self._handle(message)
 
     _device.Device._on_frame = _on_frame  # type: ignore[method-assign]
-
-if "aggregator" in _MODE:
-    from mqttinfer.runtime import aggregator as _aggregator
-
-    _aggregator_lock = threading.Lock()
-
-    def _enqueue(self: Any, message: Any) -> None:
-        with _aggregator_lock:
-            self.handle(message)
-            self.tick()
-
-    def _run(self: Any) -> None:
-        while not self._queue.closed:
-            time.sleep(self.settings.tick_ms / 1000.0)
-            with _aggregator_lock:
-                self.tick()
-
-    _aggregator.Aggregator.enqueue = _enqueue  # type: ignore[method-assign]
-    _aggregator.Aggregator._run = _run  # type: ignore[method-assign]

@@ -197,13 +197,18 @@ class Aggregator:
         while not self._stopping.is_set():
             self._heartbeat = time.monotonic()
             try:
+                gauges = None
                 with self._lock:
                     self.tick()
                     if self._clock() >= self._next_stats:
                         self._next_stats = self._clock() + self.settings.stats_interval_s
-                        self.publish_stats()
+                        gauges = self._stats_gauges()
                     wait_s = self._wait_s(tick_s)
                     self._ticker_wakes_at = self._clock() + wait_s
+                if gauges is not None:
+                    # Quantiles and encoding outside the lock: the network thread never waits
+                    # for them (RollingQuantiles has its own lock).
+                    self._send_stats(*gauges)
             except Exception:  # a bug must cost one tick, never the aggregator
                 self.counters.inc("errors")
                 log.exception("aggregator ticker failed")
@@ -377,10 +382,20 @@ class Aggregator:
         return counters
 
     def publish_stats(self) -> None:
+        """Publish ``stats/<node>`` now (not from a thread that holds the state machine's lock)."""
+        with self._lock:
+            gauges = self._stats_gauges()
+        self._send_stats(*gauges)
+
+    def _stats_gauges(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Counters and gauges, read under the state machine's lock."""
         counters = self.snapshot()
         gauges = {"open_slots": float(self.machine.open_count), "queue_depth": 0.0}
         gauges["dead_partitions"] = float(len(self.machine.dead_partitions()))
         gauges.update(self._rates(counters))
+        return counters, gauges
+
+    def _send_stats(self, counters: dict[str, int], gauges: dict[str, float]) -> None:
         stats = build_stats(
             node=self.settings.node,
             kind="aggregator",
