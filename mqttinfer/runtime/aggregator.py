@@ -10,9 +10,10 @@ Subscriptions (under ``mqttinfer/<deployment>/``):
 Threads: each message is handled on paho's network thread, in the bus handler: decoding, the
 state machine, the head (a matmul of a few dozen features) and the result's publish are tens of
 microseconds, bounded per message, and never sleep, so the network thread is never held up, and
-a frame costs no hand-off to another thread (measured: ~0.6 ms of latency and ~200 µs of CPU per
-frame on a shared 2-core machine, see docs/benchmarks.md). A flood is bounded by TCP itself: the
-broker cannot deliver faster than the handler consumes. One ticker thread wakes at the next
+a frame costs no hand-off to another thread (measured side by side on a shared 2-core machine:
+~0.3 ms of end-to-end latency and ~200 µs of CPU per frame, see docs/benchmarks.md). paho reads
+the next message only once the handler returns, so a flood waits at the broker (which bounds
+its queues), not in this process. One ticker thread wakes at the next
 deadline (at most every ``tick_ms``) to fire expired slots and, every ``stats_interval_s``,
 publishes ``stats/<node>``. Both threads take one lock around the state machine; under load the
 machine is also ticked after every message, so deadlines are honoured even when the ticker waits.
@@ -197,18 +198,18 @@ class Aggregator:
         while not self._stopping.is_set():
             self._heartbeat = time.monotonic()
             try:
-                gauges = None
+                due_stats = None
                 with self._lock:
                     self.tick()
                     if self._clock() >= self._next_stats:
                         self._next_stats = self._clock() + self.settings.stats_interval_s
-                        gauges = self._stats_gauges()
+                        due_stats = self._stats_gauges()
                     wait_s = self._wait_s(tick_s)
                     self._ticker_wakes_at = self._clock() + wait_s
-                if gauges is not None:
+                if due_stats is not None:
                     # Quantiles and encoding outside the lock: the network thread never waits
                     # for them (RollingQuantiles has its own lock).
-                    self._send_stats(*gauges)
+                    self._send_stats(*due_stats)
             except Exception:  # a bug must cost one tick, never the aggregator
                 self.counters.inc("errors")
                 log.exception("aggregator ticker failed")
@@ -384,8 +385,8 @@ class Aggregator:
     def publish_stats(self) -> None:
         """Publish ``stats/<node>`` now (not from a thread that holds the state machine's lock)."""
         with self._lock:
-            gauges = self._stats_gauges()
-        self._send_stats(*gauges)
+            counters, gauges = self._stats_gauges()
+        self._send_stats(counters, gauges)
 
     def _stats_gauges(self) -> tuple[dict[str, int], dict[str, float]]:
         """Counters and gauges, read under the state machine's lock."""

@@ -27,7 +27,8 @@ What :class:`Bus` adds to a bare paho client:
   a command line. The password is never logged nor shown in a ``repr``.
 - **Callbacks never raise into paho** (an exception there would kill the network thread):
   handler errors are logged and counted. Handlers run on the network thread, so they must
-  be quick; roles hand work to their own worker threads.
+  be quick and bounded: the device hands inference to its worker thread, the aggregator's
+  per-message work (tens of microseconds) runs in the handler.
 """
 
 from __future__ import annotations
@@ -572,7 +573,7 @@ class Bus:
             self.counters.inc("received")
             # No lock on this per-message path: dict.get and copying the list to a tuple are
             # single operations under the GIL, and subscribe/unsubscribe only ever append to a
-            # subscription's list or replace the dict entry.
+            # subscription's list or add or remove a dict entry.
             sub = self._subs.get(topic_filter)
             handlers = tuple(sub.handlers) if sub is not None else ()
             for handler in handlers:
