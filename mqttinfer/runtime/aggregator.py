@@ -81,9 +81,6 @@ class AggregatorSettings:
     max_open: int = 256
     default_deadline_ms: int = 1000
     remember_fired: int = 8192
-    # Unused since messages are handled on the network thread (no queue); kept so existing
-    # callers and configs that pass it still work.
-    queue_size: int = 10_000
     tick_ms: float = 5.0
     stats_interval_s: float = 2.0
     limits: Limits = DEFAULT_LIMITS
@@ -373,13 +370,11 @@ class Aggregator:
 
     # Stats ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, int]:
-        """Every counter: the state machine's and the wire rejects per kind
-        (``queue_dropped`` stays 0: messages are handled as they arrive, no queue drops them)."""
+        """Every counter: the state machine's and the wire rejects per kind."""
         counters = dict(self.machine.counters)
         own = self.counters.snapshot()
         counters.update(own)
         counters["rejected"] = sum(own[f"rejected_{kind}"] for kind in MESSAGE_KINDS)
-        counters["queue_dropped"] = 0
         return counters
 
     def publish_stats(self) -> None:
@@ -391,7 +386,7 @@ class Aggregator:
     def _stats_gauges(self) -> tuple[dict[str, int], dict[str, float]]:
         """Counters and gauges, read under the state machine's lock."""
         counters = self.snapshot()
-        gauges = {"open_slots": float(self.machine.open_count), "queue_depth": 0.0}
+        gauges = {"open_slots": float(self.machine.open_count)}
         gauges["dead_partitions"] = float(len(self.machine.dead_partitions()))
         gauges.update(self._rates(counters))
         return counters, gauges
