@@ -52,7 +52,7 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
 _WRN = re.compile(r"^wrn-(\d+)-(\d+(?:\.\d+)?)$")
 _MBV2 = re.compile(r"^(?:mobilenetv2|mbv2)(?:-(\d+(?:\.\d+)?))?$")
 # (expansion t, output channels c, repeats n, stride s) with CIFAR-style strides.
-_MBV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+MBV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
     (6, 24, 2, 1),
     (6, 32, 3, 2),
@@ -73,11 +73,16 @@ class Architecture:
 
     @property
     def name(self) -> str:
-        """Canonical spelling, the same as ``mqttinfer.train.arch``: wrn-16-2, mobilenetv2-0.5."""
+        """Canonical spelling: wrn-16-2, wrn-10-0.5, mobilenetv2, mobilenetv2-0.5."""
         width = f"{self.width:g}"
         if self.family == "wrn":
             return f"wrn-{self.depth}-{width}"
         return "mobilenetv2" if self.width == 1.0 else f"mobilenetv2-{width}"
+
+    @property
+    def blocks_per_group(self) -> int:
+        """WRN only: residual blocks in each of the three groups (depth = 6n + 4)."""
+        return (self.depth - 4) // 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +212,7 @@ def _divisible(value: float, divisor: int = 8) -> int:
 def _count_mobilenetv2(counter: _Counter, arch: Architecture) -> None:
     counter.conv(_divisible(32 * arch.width), 3)
     counter.batch_norm()
-    for expand, channels, repeats, stride in _MBV2_SETTINGS:
+    for expand, channels, repeats, stride in MBV2_SETTINGS:
         out = _divisible(channels * arch.width)
         for index in range(repeats):
             hidden = counter.channels * expand

@@ -14,18 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as nnf
 
+from mqttinfer.planner.catalog import MBV2_SETTINGS
 from mqttinfer.train.arch import ArchSpec
 
-# (expansion t, output channels c, repeats n, stride s); CIFAR-style strides.
-_MBV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 1),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
 _MBV2_LAST = 1280
 
 
@@ -136,7 +127,7 @@ class MobileNetV2Backbone(nn.Module):
             nn.ReLU6(inplace=True),
         ]
         cin = stem
-        for expand, channels, repeats, stride in _MBV2_SETTINGS:
+        for expand, channels, repeats, stride in MBV2_SETTINGS:
             cout = _divisible(channels * width)
             for index in range(repeats):
                 layers.append(InvertedResidual(cin, cout, stride if index == 0 else 1, expand))
