@@ -25,7 +25,7 @@ import pytest
 from mqttinfer.errors import BrokerError
 from mqttinfer.protocol import Stats
 from mqttinfer.runtime.bus import BrokerConfig
-from mqttinfer.runtime.cluster import LOW_LATENCY_BROKER_CONFIG, DeviceSpec, LocalCluster
+from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
 from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.runtime.source import Result, Source
 from tests.busutil import make_bus
@@ -60,7 +60,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(synthetic_bundle: SyntheticBundle) -> Iterator[Env]:
-    broker = LocalBroker(extra_config=LOW_LATENCY_BROKER_CONFIG).start()
+    broker = LocalBroker().start()  # TCP_NODELAY is on by default
     specs = [DeviceSpec(name, p, group=f"g{p}") for p, names in GROUPS.items() for name in names]
     cluster = LocalCluster(
         synthetic_bundle.path,
