@@ -8,8 +8,9 @@ Keepalive: a killed process's sockets close at once, so the broker publishes its
 only a hung (SIGSTOPped) process waits for the keepalive. Mosquitto expires keepalives in
 whole-second buckets, one second after the bucket's end: the will comes 1.5 x keepalive plus 1-2 s
 after the node's last packet (measured here with a 2 s keepalive: 4.2 s idle, up to 6.8 s on a
-loaded machine, which would miss 2.5 x 2 s). With 4 s the bound of 2.5 x keepalive = 10 s holds
-the worst case of 8 s with room for noise.
+loaded machine, which would miss 2.5 x 2 s; with 4 s one CI run saw 10.1 s against the 10 s
+bound). With 6 s the bound of 2.5 x keepalive = 15 s holds the expected 10-11 s with room for a
+loaded machine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tests.support.synthetic import SyntheticBundle, random_frames
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-KEEPALIVE_S = 4
+# See the module docstring for why not 2 s (or 4 s).
+KEEPALIVE_S = 6
 GROUPS = {0: ("a0", "a1"), 1: ("b0", "b1")}
 DEVICES = [name for names in GROUPS.values() for name in names]
 # Frames are sent at this modest pace: the machine has two cores for seven processes.
@@ -290,7 +292,7 @@ def test_a_frozen_replica_neither_slows_the_stream_nor_hides_from_the_monitor(
     assert all(not r.degraded for r in stream.results.values())
     latencies = [r.latency_ms for r in stream.results.values()]
     assert max(latencies) <= deadline_ms, sorted(latencies)[-5:]
-    assert will_delay_s <= 2.5 * KEEPALIVE_S
+    assert will_delay_s <= 2.5 * KEEPALIVE_S, will_delay_s
     # Thawed, it notices the dead connection, reconnects with a new bdseq, and serves again.
     cluster.wait_ready(["a1"], 30)
 
