@@ -15,11 +15,11 @@ for run in 2 3; do
     $MQ bench latency --no-plots --out "$OUT/repeats/demo-$run"
     $MQ bench latency --no-plots --bundle bench-results/timing-bundle --out "$OUT/repeats/timing-$run"
 done
-# What the worker-thread hand-off costs (EXPERIMENT: benchmarks/handoff_experiment).
-for run in 1 2; do
-    $MQ bench latency --no-plots --out "$OUT/handoff/queue-$run"
-    MQTTINFER_INLINE=aggregator,device PYTHONPATH=benchmarks/handoff_experiment \
-        $MQ bench latency --no-plots --out "$OUT/handoff/inline-$run"
+# What the device's fast path saves (EXPERIMENT: benchmarks/handoff_experiment turns it off).
+for run in 1 2 3; do
+    $MQ bench latency --no-plots --out "$OUT/handoff/fast-$run"
+    MQTTINFER_FAST_PATH=off PYTHONPATH=benchmarks/handoff_experiment \
+        $MQ bench latency --no-plots --out "$OUT/handoff/queue-$run"
 done
 $MQ bench aggregator --out "$OUT"
 $MQ bench failures --out "$OUT"

@@ -196,6 +196,62 @@ def test_a_full_queue_drops_the_oldest_frames(device: Device, deployment: str) -
     )
     assert device.counters["dropped_queue"] > 0
     assert device.counters["frames"] == 200
+    # Only the first frame found the device idle; the rest came back to back: the queue's.
+    assert device.counters["inline"] == 1
+
+
+def send_spaced_frames(device: Device, deployment: str, count: int) -> None:
+    """Frames the way a camera sends them: one at a time, each once the last was answered."""
+    topic = Topics(deployment).frames("cam")
+    pixels = random_frames(1)[0]
+    for i in range(count):
+        device._on_frame(Message(topic, frame_bytes(f"s{i}", pixels), False, time.monotonic()))
+        assert wait_until(lambda i=i: device.counters["answered"] == i + 1, 10)
+        time.sleep(0.002)
+
+
+def test_an_idle_device_answers_on_the_calling_thread(
+    device: Device, deployment: str, watcher: tuple[Bus, Inbox]
+) -> None:
+    _, inbox = watcher
+    send_spaced_frames(device, deployment, 5)
+    assert device.counters["inline"] == 5
+    assert inbox.wait(lambda: len(partials(inbox)) == 5)
+    assert [p.frame for p in partials(inbox)] == [f"s{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "last_compute_ms"),
+    [
+        ({"inline_max_ms": 0.0}, 0.0),  # turned off
+        ({"slowdown": 1.5}, 0.0),  # emulation sleeps: never on the network thread
+        ({"link_rate_bps": 1e9}, 0.0),
+        ({"inline_max_ms": 5.0}, 6.0),  # the student's latest compute was too slow
+    ],
+)
+def test_the_worker_takes_frames_the_fast_path_must_not(
+    broker: LocalBroker,
+    deployment: str,
+    synthetic_bundle: SyntheticBundle,
+    settings: dict[str, float],
+    last_compute_ms: float,
+) -> None:
+    loaded = role_from_bundle(
+        synthetic_bundle.path, device="d1", deployment=deployment, partition=0, group="g0"
+    )
+    bus = make_bus(broker.url, deployment, "d1")
+    dev = Device(bus, StaticRoleProvider(loaded), DeviceSettings(node="d1", **settings))
+    dev.start()
+    try:
+        assert dev.wait_ready(30) and bus.wait_connected(10)
+        dev._last_compute_ms = last_compute_ms
+        topic = Topics(deployment).frames("cam")
+        frame = frame_bytes("w0", random_frames(1)[0])
+        dev._on_frame(Message(topic, frame, False, time.monotonic()))
+        assert wait_until(lambda: dev.counters["answered"] == 1, 10)
+        assert dev.counters["inline"] == 0
+    finally:
+        dev.stop()
 
 
 def test_role_file_paths_are_relative_to_the_file(

@@ -1,37 +1,28 @@
-"""EXPERIMENT, not product code: what the device's worker-thread hand-off still costs.
+"""EXPERIMENT, not product code: what the device's fast path saves.
 
-A device hands every frame from paho's network thread to its worker thread through a queue, and
-the worker's publish goes back to the network thread (inference must stay off the network
-thread). This module, put on ``PYTHONPATH`` of the device processes, patches them at
-interpreter start-up to do the work on the network thread instead, so ``mqttinfer bench
-latency`` can measure the difference in one command::
+An idle device with a fast student handles a frame on paho's network thread (the fast path,
+``Device._try_fast_path``) instead of handing it to its worker thread and the worker's publish
+back to the network thread. This module, put on ``PYTHONPATH`` of the device processes with
+``MQTTINFER_FAST_PATH=off``, turns the fast path off at interpreter start-up, so that
+``mqttinfer bench latency`` can measure both in one sitting::
 
-    MQTTINFER_INLINE=device PYTHONPATH=benchmarks/handoff_experiment \\
-        .venv/bin/python -m mqttinfer bench latency --out /tmp/inline
+    MQTTINFER_FAST_PATH=off PYTHONPATH=benchmarks/handoff_experiment \\
+        .venv/bin/python -m mqttinfer bench latency --out /tmp/queue-only
 
-(``LocalCluster`` passes ``PYTHONPATH`` on to its children.) The inline variant gives up what
-the queue is for: a device computing on its network thread cannot drop stale frames or answer
-keepalives while it computes. The aggregator half of the original experiment became the
-product: the aggregator handles every message on its network thread since 2026-11-24
-(``mqttinfer/runtime/aggregator.py``), so ``aggregator`` in ``MQTTINFER_INLINE`` is ignored.
+(``LocalCluster`` passes ``PYTHONPATH`` on to its children.) ``mqttinfer device run
+--inline-max-ms 0`` does the same for one device; this switch reaches every device a benchmark
+starts.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
-_MODE = os.environ.get("MQTTINFER_INLINE", "")
-
-if "device" in _MODE:
+if os.environ.get("MQTTINFER_FAST_PATH", "") == "off":
     from mqttinfer.runtime import device as _device
 
-    _device_lock = threading.Lock()
+    def _never(_self: Any, _message: Any) -> bool:
+        return False
 
-    def _on_frame(self: Any, message: Any) -> None:
-        self.counters.inc("frames")
-        with _device_lock:
-            self._handle(message)
-
-    _device.Device._on_frame = _on_frame  # type: ignore[method-assign]
+    _device.Device._try_fast_path = _never  # type: ignore[method-assign]

@@ -212,6 +212,13 @@ def device_run(
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.")] = 1,
     queue_size: Annotated[int, typer.Option(help="Frames waiting at most (oldest dropped).")] = 16,
     stats_interval: Annotated[float, typer.Option(help="Seconds between stats messages.")] = 2.0,
+    inline_max_ms: Annotated[
+        float,
+        typer.Option(
+            help="Handle a frame on the network thread when idle and the student computes "
+            "within this many ms (skips two thread hand-offs); 0 turns it off."
+        ),
+    ] = 5.0,
     slowdown: Annotated[
         float,
         typer.Option(help="EMULATION: sleep (F-1) x compute after each inference (F >= 1)."),
@@ -249,6 +256,7 @@ def device_run(
             threads=threads,
             queue_size=queue_size,
             stats_interval_s=stats_interval,
+            inline_max_ms=inline_max_ms,
             slowdown=slowdown,
             link_rate_bps=None if link_rate is None else parse_bit_rate(link_rate),
         )

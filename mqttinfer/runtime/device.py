@@ -10,12 +10,23 @@ is ready, so a role that fails to load leaves the previous one announced and ser
 with the same model, input and pooling as the current one (a new plan version) swaps in without
 reloading the student.
 
-Threads: paho's network thread only appends frames to a bounded drop-oldest queue (a slow
-device drops its stalest frames, counted as ``dropped_queue``). One worker thread loads roles
-and, per frame: decodes and validates it (a malformed frame is counted as ``rejected`` and
-logged, truncated), skips it when it already waited longer than its deadline
-(``skipped_deadline``), skips a frame id it already answered (``duplicates``: frame ids are
-idempotent, e.g. a QoS 1 redelivery), runs the student and publishes the partial.
+Threads: one worker thread loads roles and handles frames that paho's network thread appends
+to a bounded drop-oldest queue (a slow device drops its stalest frames, counted as
+``dropped_queue``). Per frame: decode and validate it (a malformed frame is counted as
+``rejected`` and logged, truncated), skip it when it already waited longer than its deadline
+(``skipped_deadline``), skip a frame id already answered (``duplicates``: frame ids are
+idempotent, e.g. a QoS 1 redelivery), run the student and publish the partial.
+
+Fast path: when the device is idle (the worker holds no frame, the queue is empty), the frame
+did not arrive right on the heels of the previous fast-path frame, and the student's latest
+compute took at most ``inline_max_ms``, the network thread handles the frame itself (counted
+as ``inline``). That saves two thread hand-offs per frame (network thread → worker, and the
+worker's publish back to the network thread), measured at 0.3-0.45 ms of end-to-end latency on
+a 2-core machine (docs/benchmarks.md). The bound keeps the network thread from being held for
+long (keepalives, role messages), and a frame arriving back to back with the previous one
+probably waited in the socket while the student ran, so it goes to the queue, whose
+drop-oldest rule then sheds stale frames under overload as before. Emulated slowdown and link
+rate sleep, so they always use the worker.
 
 ``slowdown`` emulates a slower device for experiments on one machine: after each inference
 the worker sleeps ``(slowdown - 1) x compute time``, and the reported ``compute_ms`` includes
@@ -67,7 +78,11 @@ COUNTER_NAMES = (
     "no_role",
     "publish_failed",
     "roles_loaded",
+    "inline",
 )
+# A frame received within this time of the previous fast-path frame's end most likely queued
+# in the socket while that frame computed: the device is behind, so the queue takes it.
+_BACKLOG_GAP_S = 0.0003
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +99,13 @@ class DeviceSettings:
     remember_answered: int = 4096
     frame_qos: int = 0
     partial_qos: int = 0
+    # Fast path (module docstring): frames of a student that computes within this many ms
+    # may be handled on the network thread; 0 turns the fast path off.
+    inline_max_ms: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.inline_max_ms < 0:
+            raise ValueError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
         if self.link_rate_bps is not None and not self.link_rate_bps > 0:
@@ -131,6 +151,16 @@ class Device:
         self._stopping = threading.Event()
         # time.monotonic() of the worker's latest pass through its loop (see healthy()).
         self._heartbeat = time.monotonic()
+        # Held by whichever thread handles a frame, so frames never run concurrently.
+        self._handling = threading.Lock()
+        self._inline_finished = -float("inf")
+        self._inline_since: float | None = None  # start of the fast-path frame in progress
+        self._last_compute_ms = 0.0
+        self._fast_path = (
+            settings.inline_max_ms > 0
+            and settings.slowdown == 1.0
+            and settings.link_rate_bps is None
+        )
         self._worker = threading.Thread(target=self._work, name="device-worker", daemon=True)
         self._stats = Periodic(settings.stats_interval_s, self.publish_stats, name="device-stats")
 
@@ -148,12 +178,17 @@ class Device:
         self.bus.start()
 
     def healthy(self, max_age_s: float) -> bool:
-        """True while the worker thread runs and went round its loop within ``max_age_s``.
+        """True while the worker thread runs and went round its loop within ``max_age_s``, and
+        no fast-path frame holds the network thread for longer than that.
 
         The systemd watchdog pings on it: a worker stuck in one frame or one model load for
         longer than ``max_age_s`` counts as hung. Without a frame the loop turns every 0.1 s.
         """
-        return self._worker.is_alive() and time.monotonic() - self._heartbeat <= max_age_s
+        now = time.monotonic()
+        inline_since = self._inline_since
+        if inline_since is not None and now - inline_since > max_age_s:
+            return False
+        return self._worker.is_alive() and now - self._heartbeat <= max_age_s
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once a role is loaded and warmed up."""
@@ -173,8 +208,32 @@ class Device:
     # ------------------------------------------------------------------ network thread
     def _on_frame(self, message: Message) -> None:
         self.counters.inc("frames")
+        if self._try_fast_path(message):
+            return
         if self._queue.put(message) is not None:
             self.counters.inc("dropped_queue")
+
+    def _try_fast_path(self, message: Message) -> bool:
+        """Handle ``message`` here, on the network thread, if the device is idle (see the module
+        docstring); False leaves it to the queue."""
+        if (
+            not self._fast_path
+            or self._last_compute_ms > self.settings.inline_max_ms
+            or len(self._queue) > 0
+            or message.received - self._inline_finished < _BACKLOG_GAP_S
+        ):
+            return False
+        if not self._handling.acquire(blocking=False):
+            return False  # the worker is on a frame
+        try:
+            self._inline_since = time.monotonic()
+            self.counters.inc("inline")
+            self._handle_safely(message)
+        finally:
+            self._inline_since = None
+            self._inline_finished = time.monotonic()
+            self._handling.release()
+        return True
 
     def _on_role(self, loaded: LoadedRole | None) -> None:
         with self._pending_lock:
@@ -192,11 +251,15 @@ class Device:
             message = self._queue.get(timeout_s=_POLL_S)
             if message is None:
                 continue
-            try:
-                self._handle(message)
-            except Exception:  # the worker must survive anything a frame can cause
-                self.counters.inc("errors")
-                log.exception("unexpected error on a frame from %s", message.topic)
+            with self._handling:
+                self._handle_safely(message)
+
+    def _handle_safely(self, message: Message) -> None:
+        try:
+            self._handle(message)
+        except Exception:  # neither thread may die of anything a frame can cause
+            self.counters.inc("errors")
+            log.exception("unexpected error on a frame from %s", message.topic)
 
     def _load_pending_role(self) -> None:
         if self._pending is None:  # the common case, checked without taking the lock
@@ -318,7 +381,9 @@ class Device:
         elapsed = time.perf_counter() - start
         if self.settings.slowdown > 1.0:
             time.sleep((self.settings.slowdown - 1.0) * elapsed)
-        return features, (time.perf_counter() - start) * 1000.0
+        compute_ms = (time.perf_counter() - start) * 1000.0
+        self._last_compute_ms = compute_ms
+        return features, compute_ms
 
     def _remember(self, key: tuple[str, str]) -> None:
         self._answered[key] = None
