@@ -27,10 +27,12 @@ from mqttinfer.bench.latency import LatencySettings, run_latency
 from mqttinfer.bench.latency import render as render_latency
 from mqttinfer.bench.report import ResultsDir
 from mqttinfer.bundle import Bundle
+from mqttinfer.errors import ConfigError
 from mqttinfer.planner.bundle_source import load_bundle_spec
 from mqttinfer.planner.inventory import parse_inventory
 from mqttinfer.planner.plan import save_plan
 from mqttinfer.planner.strategies import PlanRequest, make_plan
+from mqttinfer.runtime.bus import BrokerConfig
 from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
 from mqttinfer.runtime.device import DeviceSettings
 from mqttinfer.runtime.source import Source
@@ -243,6 +245,39 @@ def test_latency_bench_on_a_real_cluster(synthetic_bundle: SyntheticBundle, tmp_
     throughput = written["throughput"]
     assert throughput["complete"] >= 1 and throughput["compute_bound_frames_per_s"] > 0
     assert render_latency(report)
+
+
+@pytest.mark.broker
+def test_latency_bench_over_mqtt_311(synthetic_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    settings = LatencySettings(
+        frames=4,
+        rounds=1,
+        warmup=1,
+        throughput_s=0.2,
+        sniff_frames=2,
+        compute_runs=2,
+        mqtt_version="3.1.1",
+    )
+    run_latency(synthetic_bundle.path, settings, ResultsDir(tmp_path, "latency"))
+    written = _read_json(tmp_path / "latency.json")
+    assert written["settings"]["mqtt_version"] == "3.1.1"
+    assert written["latency_ms"]["floor"]["n"] == 4 and written["latency_ms"]["e2e"]["n"] == 4
+    assert written["bytes"]["wire"]["result"]["messages_per_frame"] == 1
+
+
+def test_latency_bench_refuses_an_unknown_mqtt_version() -> None:
+    with pytest.raises(ValueError, match=r"3\.1\.1"):
+        LatencySettings(mqtt_version="4")
+
+
+def test_cluster_url_carries_the_mqtt_version(synthetic_bundle: SyntheticBundle) -> None:
+    cluster = LocalCluster(synthetic_bundle.path, [], broker_url="mqtt://h:1", mqtt_version="3.1.1")
+    assert cluster.url == "mqtt://h:1?version=3.1.1"
+    assert BrokerConfig.from_url(cluster.url).mqtt_version == "3.1.1"
+    plain = LocalCluster(synthetic_bundle.path, [], broker_url="mqtt://h:1", aggregator=False)
+    assert plain.url == "mqtt://h:1"
+    with pytest.raises(ConfigError, match="mqtt_version"):
+        LocalCluster(synthetic_bundle.path, [], broker_url="mqtt://h:1", mqtt_version="4")
 
 
 # --------------------------------------------------------------------------- heterogeneity

@@ -72,6 +72,13 @@ def latency(
     window: Annotated[int, typer.Option(help="Frames in flight in the throughput phase.")] = 8,
     throughput_s: Annotated[float, typer.Option(help="Seconds of the throughput phase.")] = 5.0,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG.")] = True,
+    mqtt_version: Annotated[
+        str,
+        typer.Option(
+            help="MQTT version of every client, the floor's too: auto (5, else 3.1.1), 5 or "
+            "3.1.1 (measure both: paho's MQTT 5 property handling costs per message)."
+        ),
+    ] = "auto",
     out: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
     log_level: LogOpt = "WARNING",
@@ -81,7 +88,12 @@ def latency(
 
     _setup(log_level)
     settings = LatencySettings(
-        frames=frames, rounds=rounds, warmup=warmup, window=window, throughput_s=throughput_s
+        frames=frames,
+        rounds=rounds,
+        warmup=warmup,
+        window=window,
+        throughput_s=throughput_s,
+        mqtt_version=mqtt_version,
     )
     results = ResultsDir(out, "latency")
     try:

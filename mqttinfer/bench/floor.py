@@ -47,9 +47,17 @@ _READY_TIMEOUT_S = 60.0
 _MAX_OPEN = 10_000
 
 
-def _client(name: str) -> mqtt.Client:
+# The bus's "auto" connects with MQTT 5 first; the floor speaks what the cluster speaks.
+PROTOCOLS = {
+    "auto": MQTTProtocolVersion.MQTTv5,
+    "5": MQTTProtocolVersion.MQTTv5,
+    "3.1.1": MQTTProtocolVersion.MQTTv311,
+}
+
+
+def _client(name: str, mqtt_version: str = "auto") -> mqtt.Client:
     client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv5
+        CallbackAPIVersion.VERSION2, client_id=name, protocol=PROTOCOLS[mqtt_version]
     )
     client.on_socket_open = _no_delay
     return client
@@ -71,10 +79,17 @@ def padded(frame_id: bytes, size: int) -> bytes:
 
 # --------------------------------------------------------------------------- relays (children)
 def run_device_relay(
-    *, host: str, port: int, prefix: str, partition: int, device: str, size: int
+    *,
+    host: str,
+    port: int,
+    prefix: str,
+    partition: int,
+    device: str,
+    size: int,
+    mqtt_version: str = "auto",
 ) -> None:
     """Answer every frame with one partial-sized message, from the network thread."""
-    client = _client(f"floor-{device}")
+    client = _client(f"floor-{device}", mqtt_version)
     topic = f"{prefix}/partials/{partition}/{device}"
     padding = bytes(max(0, size - ID_BYTES))
 
@@ -89,9 +104,11 @@ def run_device_relay(
     _serve(client, host, port)
 
 
-def run_aggregator_relay(host: str, port: int, prefix: str, partitions: int, size: int) -> None:
+def run_aggregator_relay(
+    host: str, port: int, prefix: str, partitions: int, size: int, *, mqtt_version: str = "auto"
+) -> None:
     """Publish a result-sized message once a frame and one partial per partition arrived."""
-    client = _client("floor-aggregator")
+    client = _client("floor-aggregator", mqtt_version)
     padding = bytes(max(0, size - ID_BYTES))
     # frame id -> (source or None until the frame arrived, partitions seen); late replicas'
     # partials reopen an entry that never completes, hence the bound below.
@@ -142,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="d0")
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--size", type=int, required=True, help="reply payload bytes")
+    parser.add_argument("--mqtt-version", choices=sorted(PROTOCOLS), default="auto")
     args = parser.parse_args(argv)
     if args.role == "device":
         run_device_relay(
@@ -151,9 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             partition=args.partition,
             device=args.device,
             size=args.size,
+            mqtt_version=args.mqtt_version,
         )
     else:
-        run_aggregator_relay(args.host, args.port, args.prefix, args.partitions, args.size)
+        run_aggregator_relay(
+            args.host,
+            args.port,
+            args.prefix,
+            args.partitions,
+            args.size,
+            mqtt_version=args.mqtt_version,
+        )
     return 0
 
 
@@ -174,13 +200,24 @@ class FloorShape:
 class FloorChain:
     """Relay processes plus a caller client; ``round_trip()`` times one frame → result."""
 
-    def __init__(self, host: str, port: int, shape: FloorShape, *, prefix: str = "floor") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        shape: FloorShape,
+        *,
+        prefix: str = "floor",
+        mqtt_version: str = "auto",
+    ) -> None:
+        if mqtt_version not in PROTOCOLS:
+            raise ValueError(f"mqtt_version must be one of {sorted(PROTOCOLS)}")
         self.host = host
         self.port = port
         self.shape = shape
         self.prefix = prefix
+        self.mqtt_version = mqtt_version
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._client = _client(f"floor-caller-{os.getpid()}")
+        self._client = _client(f"floor-caller-{os.getpid()}", mqtt_version)
         self._answers: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -191,6 +228,7 @@ class FloorChain:
     def start(self, timeout_s: float = _READY_TIMEOUT_S) -> FloorChain:
         base = [sys.executable, "-m", "mqttinfer.bench.floor"]
         common = ["--host", self.host, "--port", str(self.port), "--prefix", self.prefix]
+        common += ["--mqtt-version", self.mqtt_version]
         for device, (partition, size) in self.shape.partial_bytes.items():
             argv = [*base, "device", *common, "--partition", str(partition)]
             self._spawn([*argv, "--device", device, "--size", str(size)])

@@ -44,7 +44,7 @@ from mqttinfer.bundle import Bundle
 from mqttinfer.errors import BundleError, InferTimeoutError
 from mqttinfer.protocol import Frame, Partial, Result
 from mqttinfer.runtime.bus import BrokerConfig, Bus, Message, packet_size
-from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
+from mqttinfer.runtime.cluster import MQTT_VERSIONS, DeviceSpec, LocalCluster
 from mqttinfer.runtime.runner import StudentRunner, read_model
 from mqttinfer.runtime.source import Source
 from mqttinfer.topics import Topics
@@ -69,6 +69,14 @@ class LatencySettings:
     deadline_ms: int = 2000
     timeout_s: float = 10.0
     seed: int = 0
+    mqtt_version: str = "auto"  # every client of the run, the floor's included
+
+    def __post_init__(self) -> None:
+        if self.mqtt_version not in MQTT_VERSIONS:
+            raise ValueError(
+                f"--mqtt-version must be one of {', '.join(MQTT_VERSIONS)}, "
+                f"got {self.mqtt_version!r}"
+            )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -221,13 +229,18 @@ class WireSniffer:
 
 
 def wire_bytes(
-    sizes: dict[str, list[tuple[str, int]]], frames: int, devices: int, qos: dict[str, int]
+    sizes: dict[str, list[tuple[str, int]]],
+    frames: int,
+    devices: int,
+    qos: dict[str, int],
+    *,
+    mqtt5: bool = True,
 ) -> dict[str, Any]:
     """Bytes per frame over every TCP hop (client → broker, broker → each subscriber).
 
     A frame goes up once and down to every device and the aggregator; each partial goes up
     once and down to the aggregator; the result goes up once and down to the source. MQTT
-    bytes are whole PUBLISH packets (MQTT 5 headers, topic included; acks left out).
+    bytes are whole PUBLISH packets (MQTT 5 or 3.1.1 headers, topic included; acks left out).
     """
     out: dict[str, Any] = {"frames": frames}
     total_payload = total_mqtt = 0.0
@@ -237,7 +250,7 @@ def wire_bytes(
             out[kind] = None
             continue
         payload = sum(size for _, size in seen) / frames
-        mqtt = sum(packet_size(t, size, qos[kind], True) for t, size in seen) / frames
+        mqtt = sum(packet_size(t, size, qos[kind], mqtt5) for t, size in seen) / frames
         out[kind] = {
             "messages_per_frame": len(seen) / frames,
             "payload_bytes_per_frame": round(payload, 1),
@@ -377,10 +390,14 @@ def run_latency(
         result_bytes=result_bytes,
     )
     log.info("starting the cluster: broker, %d devices, aggregator", len(devices))
-    with LocalCluster(bundle.root, devices, stats_interval_s=30.0) as cluster:
+    with LocalCluster(
+        bundle.root, devices, stats_interval_s=30.0, mqtt_version=settings.mqtt_version
+    ) as cluster:
         broker = BrokerConfig.from_url(cluster.url)
         with (
-            FloorChain(broker.host, broker.port, shape) as floor,
+            FloorChain(
+                broker.host, broker.port, shape, mqtt_version=settings.mqtt_version
+            ) as floor,
             Source(
                 cluster.url,
                 source_id=SOURCE_ID,
@@ -410,7 +427,11 @@ def run_latency(
         throughput=throughput,
         envelopes=(frame_bytes, partials, result_bytes),
         wire=wire_bytes(
-            sizes, settings.sniff_frames, len(devices), {"frame": 0, "partial": 0, "result": 1}
+            sizes,
+            settings.sniff_frames,
+            len(devices),
+            {"frame": 0, "partial": 0, "result": 1},
+            mqtt5=settings.mqtt_version != "3.1.1",
         ),
     )
     out.write_json(report)
@@ -574,6 +595,8 @@ def render(report: dict[str, Any]) -> list[Any]:
     bundle = report["bundle"]
     title = f"latency: {bundle['name']} ({len(bundle['partitions'])} students"
     title += ", RANDOM WEIGHTS: timing only)" if bundle["timing_only"] else ")"
+    version = report["settings"].get("mqtt_version", "auto")
+    title += "" if version == "auto" else f" over MQTT {version}"
     table = Table(title=title)
     for column in ("", "p50 ms", "p99 ms", "n"):
         table.add_column(column, justify="right" if column else "left")

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEVICE_COMMAND = ("-m", "mqttinfer.runtime.cli", "device", "run")
 AGGREGATOR_COMMAND = ("-m", "mqttinfer.runtime.aggregator_cli", "run")
 AGGREGATOR_ID = "aggregator"
+MQTT_VERSIONS = ("auto", "5", "3.1.1")  # as BrokerConfig.mqtt_version; the URL's ?version=
 _STOP_GRACE_S = 5.0
 
 
@@ -148,7 +149,15 @@ class LocalCluster:
         stats_interval_s: float = 1.0,
         log_dir: Path | None = None,
         python: str = sys.executable,
+        mqtt_version: str = "auto",
     ) -> None:
+        if mqtt_version not in MQTT_VERSIONS:
+            raise ConfigError(
+                f"unknown MQTT version {mqtt_version!r}",
+                field="mqtt_version",
+                fix=f"use one of {', '.join(MQTT_VERSIONS)}",
+            )
+        self.mqtt_version = mqtt_version
         self.bundle = Path(bundle)
         self.deployment = check_id(deployment, "deployment")
         self.topics = Topics(deployment)
@@ -180,11 +189,16 @@ class LocalCluster:
     # ------------------------------------------------------------------ properties
     @property
     def url(self) -> str:
+        """The broker URL every node and client of the cluster connects with."""
         if self._broker_url is not None:
-            return self._broker_url
-        if self.broker is None:  # unreachable: __init__ sets one or the other
+            base = self._broker_url
+        elif self.broker is None:  # unreachable: __init__ sets one or the other
             raise BrokerError("the cluster has no broker")
-        return self.broker.url
+        else:
+            base = self.broker.url
+        if self.mqtt_version == "auto":
+            return base
+        return f"{base}{'&' if '?' in base else '?'}version={self.mqtt_version}"
 
     @property
     def nodes(self) -> list[str]:
