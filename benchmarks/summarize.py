@@ -222,6 +222,7 @@ def spread_table(paths: list[Path], root: Path) -> str:
         row(
             "run",
             "bundle",
+            "MQTT",
             "load",
             "floor p50",
             "e2e p50",
@@ -230,7 +231,7 @@ def spread_table(paths: list[Path], root: Path) -> str:
             "projected",
             "tp/bound",
         ),
-        row(*["---"] * 2, *["---:"] * 7),
+        row(*["---"] * 3, *["---:"] * 7),
     ]
     for path in paths:
         report = _load(path)
@@ -242,6 +243,7 @@ def spread_table(paths: list[Path], root: Path) -> str:
             row(
                 path.parent.relative_to(root),
                 report["bundle"]["name"],
+                report["settings"].get("mqtt_version", "auto"),
                 load[0],
                 f"{lat['floor']['p50']:.2f} ms",
                 f"{lat['e2e']['p50']:.2f} ms",
