@@ -227,6 +227,7 @@ def test_an_idle_device_answers_on_the_calling_thread(
         ({"slowdown": 1.5}, 0.0),  # emulation sleeps: never on the network thread
         ({"link_rate_bps": 1e9}, 0.0),
         ({"inline_max_ms": 5.0}, 6.0),  # the student's latest compute was too slow
+        ({"inline_max_ms": 1e-6}, None),  # too slow already in its warm-up: not even once
     ],
 )
 def test_the_worker_takes_frames_the_fast_path_must_not(
@@ -234,7 +235,7 @@ def test_the_worker_takes_frames_the_fast_path_must_not(
     deployment: str,
     synthetic_bundle: SyntheticBundle,
     settings: dict[str, float],
-    last_compute_ms: float,
+    last_compute_ms: float | None,
 ) -> None:
     loaded = role_from_bundle(
         synthetic_bundle.path, device="d1", deployment=deployment, partition=0, group="g0"
@@ -244,7 +245,8 @@ def test_the_worker_takes_frames_the_fast_path_must_not(
     dev.start()
     try:
         assert dev.wait_ready(30) and bus.wait_connected(10)
-        dev._last_compute_ms = last_compute_ms
+        if last_compute_ms is not None:
+            dev._last_compute_ms = last_compute_ms
         topic = Topics(deployment).frames("cam")
         frame = frame_bytes("w0", random_frames(1)[0])
         dev._on_frame(Message(topic, frame, False, time.monotonic()))

@@ -33,6 +33,7 @@ def test_features_match_the_numpy_reference(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert runner.output_dim == bundle.partition_sizes()[partition]
     assert runner.warmup_ms > 0
+    assert 0 < runner.warm_run_ms <= runner.warmup_ms
 
 
 def test_accepts_the_documented_frame_layouts(bundle: Bundle) -> None:

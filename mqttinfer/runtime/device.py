@@ -19,14 +19,15 @@ idempotent, e.g. a QoS 1 redelivery), run the student and publish the partial.
 
 Fast path: when the device is idle (the worker holds no frame, the queue is empty), the frame
 did not arrive right on the heels of the previous fast-path frame, and the student's latest
-compute took at most ``inline_max_ms``, the network thread handles the frame itself (counted
-as ``inline``). That saves two thread hand-offs per frame (network thread → worker, and the
-worker's publish back to the network thread), measured at 0.3-0.45 ms of end-to-end latency on
-a 2-core machine (docs/benchmarks.md). The bound keeps the network thread from being held for
-long (keepalives, role messages), and a frame arriving back to back with the previous one
-probably waited in the socket while the student ran, so it goes to the queue, whose
-drop-oldest rule then sheds stale frames under overload as before. Emulated slowdown and link
-rate sleep, so they always use the worker.
+compute (before the first frame: its last warm-up run) took at most ``inline_max_ms``, the
+network thread handles the frame itself (counted as ``inline``). That saves two thread
+hand-offs per frame (network thread → worker, and the worker's publish back to the network
+thread): ~0.2 ms of end-to-end latency on an idle 2-core machine, 0.3-0.45 ms when its cores
+are busy (docs/benchmarks.md). The bound keeps the network thread from being held for long
+(keepalives, role messages), and a frame arriving back to back with the previous one probably
+waited in the socket while the student ran, so it goes to the queue, whose drop-oldest rule
+then sheds stale frames under overload as before. Emulated slowdown and link rate sleep, so
+they always use the worker.
 
 ``slowdown`` emulates a slower device for experiments on one machine: after each inference
 the worker sleeps ``(slowdown - 1) x compute time``, and the reported ``compute_ms`` includes
@@ -292,6 +293,9 @@ class Device:
             self._on_role_error(str(exc))
             return
         self._current = _Loaded(role, runner, self._partial_topic(role))
+        # A slow student must not get one frame on the network thread before its first compute
+        # is measured: start from its warm-up time.
+        self._last_compute_ms = runner.warm_run_ms * self.settings.slowdown
         self.counters.inc("roles_loaded")
         self._subscribe_frames(True)
         self.bus.update_status(role=role.summary(), serving="ready", error=None)
