@@ -85,6 +85,8 @@ _ACCURACY_TOLERANCE = 0.01
 _RECORDED_KEY = "first_1000"
 _RECORDED_FRAMES = 1000
 _PIPE_WIDTH = 110
+# How long stopping may wait for the source's network thread before going on without it.
+_SOURCE_CLOSE_S = 5.0
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -199,6 +201,21 @@ def interrupt_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _close_within(close: Callable[[], None], timeout_s: float, what: str) -> None:
+    """Run ``close`` on a daemon thread and wait at most ``timeout_s`` for it.
+
+    Ctrl-C raises KeyboardInterrupt wherever the main thread is, possibly inside the result
+    condition that the source's network thread also takes; a wedged network thread must not
+    keep the demo from stopping the processes it started (one CI run saw the demo hang on
+    SIGINT once so far).
+    """
+    thread = threading.Thread(target=close, name=f"close {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("%s did not close within %.0f s; stopping the rest anyway", what, timeout_s)
 
 
 @contextlib.contextmanager
@@ -340,7 +357,7 @@ class DemoRun:
         cluster, self._cluster = self._cluster, None
         embedded, self._embedded = self._embedded, None
         if source is not None:
-            source.close()
+            _close_within(source.close, _SOURCE_CLOSE_S, "the source")
         if cluster is not None:
             cluster.close()
         if embedded is not None:
