@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion
 
 import mqttinfer
 from mqttinfer.errors import BrokerError, MqttInferError
+from mqttinfer.runtime.bus import MQTT_PROTOCOLS
 
 ID_BYTES = 16
 FRAME_QOS = 0
@@ -47,12 +48,8 @@ _READY_TIMEOUT_S = 60.0
 _MAX_OPEN = 10_000
 
 
-# The bus's "auto" connects with MQTT 5 first; the floor speaks what the cluster speaks.
-PROTOCOLS = {
-    "auto": MQTTProtocolVersion.MQTTv5,
-    "5": MQTTProtocolVersion.MQTTv5,
-    "3.1.1": MQTTProtocolVersion.MQTTv311,
-}
+# The floor speaks what the cluster speaks: the bus's table of versions (a constant, not code).
+PROTOCOLS = MQTT_PROTOCOLS
 
 
 def _client(name: str, mqtt_version: str = "auto") -> mqtt.Client:

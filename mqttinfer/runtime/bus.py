@@ -66,8 +66,14 @@ _MAX_QUEUED_MESSAGES = 1000
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code 0x84 (v5); paho maps a v3 rc=1 to it too
 _STATUS_QOS = 1
 _LOG_PAYLOAD_CHARS = 80
-_VERSIONS = {"auto": MQTTProtocolVersion.MQTTv5, "5": MQTTProtocolVersion.MQTTv5}
-_VERSIONS["3.1.1"] = MQTTProtocolVersion.MQTTv311
+# BrokerConfig.mqtt_version (the URL's ?version=) -> what paho connects with first ("auto"
+# falls back to 3.1.1 when a broker refuses 5). The one table of versions: the cluster and the
+# benchmark floor take theirs from it.
+MQTT_PROTOCOLS = {
+    "auto": MQTTProtocolVersion.MQTTv5,
+    "5": MQTTProtocolVersion.MQTTv5,
+    "3.1.1": MQTTProtocolVersion.MQTTv311,
+}
 
 
 _SOCKET_ERRORS = ("failed to receive on socket", "timeout on socket")
@@ -146,7 +152,7 @@ class BrokerConfig:
             raise ConfigError("broker host is empty", field="broker", fix="mqtt://HOST:PORT")
         if not 0 < self.port < 65536:
             raise ConfigError(f"broker port {self.port} is out of range", field="broker")
-        if self.mqtt_version not in _VERSIONS:
+        if self.mqtt_version not in MQTT_PROTOCOLS:
             raise ConfigError(
                 f"unknown MQTT version {self.mqtt_version!r}",
                 field="mqtt_version",
@@ -338,7 +344,7 @@ class Bus:
         self._connect_problems: set[str] = set()
         self._refused = False  # the current attempt got a refusing CONNACK (already reported)
         self._socket_error: str | None = None  # why paho's latest read failed (its log)
-        self._protocol = _VERSIONS[config.mqtt_version]
+        self._protocol = MQTT_PROTOCOLS[config.mqtt_version]
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ public API

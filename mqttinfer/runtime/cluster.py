@@ -37,7 +37,7 @@ from typing import IO
 import mqttinfer
 from mqttinfer.errors import BrokerError, ConfigError, MqttInferError, ProtocolError
 from mqttinfer.protocol import Status
-from mqttinfer.runtime.bus import BrokerConfig, Bus, Message
+from mqttinfer.runtime.bus import MQTT_PROTOCOLS, BrokerConfig, Bus, Message
 from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.topics import DEFAULT_DEPLOYMENT, Topics, check_id
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DEVICE_COMMAND = ("-m", "mqttinfer.runtime.cli", "device", "run")
 AGGREGATOR_COMMAND = ("-m", "mqttinfer.runtime.aggregator_cli", "run")
 AGGREGATOR_ID = "aggregator"
-MQTT_VERSIONS = ("auto", "5", "3.1.1")  # as BrokerConfig.mqtt_version; the URL's ?version=
+MQTT_VERSIONS = tuple(MQTT_PROTOCOLS)  # as BrokerConfig.mqtt_version; the URL's ?version=
 _STOP_GRACE_S = 5.0
 
 
