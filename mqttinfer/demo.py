@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -190,12 +191,27 @@ class DemoSettings:
 # --------------------------------------------------------------------------- signals
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so cleanup runs for all three."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so cleanup runs for all three.
+
+    A signal the demo was started with ignored stays ignored: ``nohup`` ignores SIGHUP, and a
+    non-interactive shell starts background jobs (``cmd &``) with SIGINT ignored, which Python
+    honours; the demo says so, since Ctrl-C (or ``kill -INT``) will then not stop it.
+    """
 
     def interrupt(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        log.warning(
+            "SIGINT is ignored in this process (started in the background by a "
+            "non-interactive shell?): Ctrl-C will not stop the demo; use kill -TERM %d",
+            os.getpid(),
+        )
+    previous = {
+        sig: signal.signal(sig, interrupt)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:
@@ -208,8 +224,7 @@ def _close_within(close: Callable[[], None], timeout_s: float, what: str) -> Non
 
     Ctrl-C raises KeyboardInterrupt wherever the main thread is, possibly inside the result
     condition that the source's network thread also takes; a wedged network thread must not
-    keep the demo from stopping the processes it started (one CI run saw the demo hang on
-    SIGINT once so far).
+    keep the demo from stopping the processes it started.
     """
     thread = threading.Thread(target=close, name=f"close {what}", daemon=True)
     thread.start()
