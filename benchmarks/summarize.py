@@ -41,6 +41,7 @@ def latency_tables(report: dict[str, Any], path: Path) -> str:
     ratios = report["ratios"]
     rows = [
         ("floor: bare paho chain, same hops and payload sizes", lat["floor"]),
+        ("floor with one relay answering for every partition", lat.get("floor_one_relay")),
         ("mqttinfer end to end (`Source.infer`)", lat["e2e"]),
         ("— queueing (slowest device queue)", lat["breakdown"]["queue_ms"]),
         ("— slowest student compute", lat["breakdown"]["compute_ms"]),
@@ -81,8 +82,14 @@ def latency_tables(report: dict[str, Any], path: Path) -> str:
             "×",
         ),
         (
-            "projected, one device per student: teacher / (slowest student alone + FC + floor)",
+            "projected, one device per student: teacher / (slowest student alone + FC + "
+            "one-relay floor)",
             ratios["speedup_projected"],
+            "×",
+        ),
+        (
+            "same with the floor (a relay per device, all on these cores) as transport",
+            ratios.get("speedup_projected_shared_floor"),
             "×",
         ),
         (
@@ -216,6 +223,10 @@ def heterogeneity_table(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
 def spread_table(paths: list[Path], root: Path) -> str:
     """One line per latency run: the ratios and the load it ran under."""
     out = [
@@ -225,20 +236,21 @@ def spread_table(paths: list[Path], root: Path) -> str:
             "MQTT",
             "load",
             "floor p50",
+            "one-relay floor p50",
             "e2e p50",
             "overhead",
             "speedup",
-            "projected",
+            "projected (one-relay floor)",
+            "projected (floor)",
             "tp/bound",
         ),
-        row(*["---"] * 3, *["---:"] * 7),
+        row(*["---"] * 3, *["---:"] * 9),
     ]
     for path in paths:
         report = _load(path)
         lat, ratios = report["latency_ms"], report["ratios"]
         load = report["machine"].get("load_average") or ["?"]
-        speedup = ratios["speedup_measured"]
-        projected = ratios["speedup_projected"]
+        one_relay = lat.get("floor_one_relay")
         out.append(
             row(
                 path.parent.relative_to(root),
@@ -246,10 +258,13 @@ def spread_table(paths: list[Path], root: Path) -> str:
                 report["settings"].get("mqtt_version", "auto"),
                 load[0],
                 f"{lat['floor']['p50']:.2f} ms",
+                "n/a" if one_relay is None else f"{one_relay['p50']:.2f} ms",
                 f"{lat['e2e']['p50']:.2f} ms",
                 f"{ratios['overhead_p50']:.2f}",
-                "n/a" if speedup is None else f"{speedup:.2f}×",
-                "n/a" if projected is None else f"{projected:.2f}×",
+                _times(ratios["speedup_measured"]),
+                # Reports from before the one-relay floor projected with the floor.
+                _times(ratios["speedup_projected"] if one_relay else None),
+                _times(ratios.get("speedup_projected_shared_floor", ratios["speedup_projected"])),
                 f"{ratios['throughput_vs_compute_bound']:.2f}",
             )
         )

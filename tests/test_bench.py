@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from mqttinfer.bench.failures import (
     run_failures,
     student_features,
 )
+from mqttinfer.bench.floor import FloorChain, FloorShape
+from mqttinfer.bench.floor import main as floor_main
 from mqttinfer.bench.heterogeneity import HeterogeneitySettings, run_heterogeneity
 from mqttinfer.bench.latency import LatencySettings, run_latency
 from mqttinfer.bench.latency import render as render_latency
@@ -32,10 +35,12 @@ from mqttinfer.planner.bundle_source import load_bundle_spec
 from mqttinfer.planner.inventory import parse_inventory
 from mqttinfer.planner.plan import save_plan
 from mqttinfer.planner.strategies import PlanRequest, make_plan
-from mqttinfer.runtime.bus import BrokerConfig
+from mqttinfer.runtime.bus import BrokerConfig, Bus
 from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
 from mqttinfer.runtime.device import DeviceSettings
+from mqttinfer.runtime.local_broker import LocalBroker
 from mqttinfer.runtime.source import Source
+from mqttinfer.topics import Topics
 from tests.support.synthetic import SyntheticBundle, build_synthetic_bundle, random_frames
 
 
@@ -219,8 +224,11 @@ def test_latency_bench_on_a_real_cluster(synthetic_bundle: SyntheticBundle, tmp_
     assert written["bundle"]["partitions"] == [6, 5]
     latency = written["latency_ms"]
     assert latency["floor"]["n"] == 12 and latency["e2e"]["n"] == 12
+    assert latency["floor_one_relay"]["n"] == 12
     assert latency["teacher"] is None  # the synthetic bundle ships no teacher
     assert written["ratios"]["speedup_measured"] is None
+    assert written["ratios"]["speedup_projected"] is None
+    assert written["ratios"]["speedup_projected_shared_floor"] is None
     assert written["ratios"]["overhead_p50"] > 0
     assert set(latency["breakdown"]) == {
         "queue_ms",
@@ -263,6 +271,52 @@ def test_latency_bench_over_mqtt_311(synthetic_bundle: SyntheticBundle, tmp_path
     assert written["settings"]["mqtt_version"] == "3.1.1"
     assert written["latency_ms"]["floor"]["n"] == 4 and written["latency_ms"]["e2e"]["n"] == 4
     assert written["bytes"]["wire"]["result"]["messages_per_frame"] == 1
+
+
+# Two partitions, partition 0 with two replicas: three devices, two partials per inference.
+REPLICA_SHAPE = FloorShape(
+    frame_bytes=100, partial_bytes={"a": (0, 40), "b": (0, 40), "c": (1, 30)}, result_bytes=50
+)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("relays", "expected"), [("per-device", 3), ("one", 2)])
+def test_floor_layouts_send_one_partial_per_device_or_per_partition(
+    broker: LocalBroker, relays: str, expected: int
+) -> None:
+    prefix = f"floortest{expected}"
+    seen: list[tuple[str, int]] = []
+    sniffer = Bus(
+        BrokerConfig.from_url(broker.url), node=f"sniff-{prefix}", kind="monitor", topics=Topics()
+    )
+    sniffer.subscribe(f"{prefix}/partials/+/+", lambda m: seen.append((m.topic, len(m.payload))))
+    with sniffer:
+        assert sniffer.wait_connected(10)
+        chain = FloorChain("127.0.0.1", broker.port, REPLICA_SHAPE, prefix=prefix, relays=relays)
+        with chain:
+            seen.clear()  # the probe frame's partials
+            for _ in range(3):
+                assert chain.round_trip(timeout_s=5.0) > 0
+            time.sleep(0.3)  # partials of the last frame that the result overtook
+    assert len(seen) == 3 * expected
+    partitions = sorted({topic.split("/")[2] for topic, _ in seen})
+    assert partitions == ["0", "1"]
+    sizes = {topic.split("/")[2]: size for topic, size in seen}
+    assert sizes == {"0": 40, "1": 30}
+
+
+def test_floor_chain_refuses_an_unknown_relay_layout() -> None:
+    with pytest.raises(ValueError, match="per-device"):
+        FloorChain("127.0.0.1", 1, REPLICA_SHAPE, relays="many")
+
+
+def test_floor_device_relay_needs_an_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        floor_main(["device", "--port", "1", "--prefix", "x"])
+    assert "--answer PARTITION:BYTES" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        floor_main(["device", "--port", "1", "--prefix", "x", "--answer", "0-40"])
+    assert "expected PARTITION:BYTES" in capsys.readouterr().err
 
 
 def test_latency_bench_refuses_an_unknown_mqtt_version() -> None:

@@ -12,6 +12,14 @@ the model's own compute, is mqttinfer's overhead.
 This is the one module outside ``runtime/bus.py`` that uses paho-mqtt directly, on purpose:
 the floor must not contain the code it is the floor of.
 
+The chain comes in two layouts. ``relays="per-device"`` (the floor proper) runs one device
+relay per device of the cluster, all sharing this machine's cores as the devices do.
+``relays="one"`` runs a single device relay that answers every frame with one partial per
+partition: every hop, message and byte of one inference, without K relay processes competing
+for the cores. It is the transport a device sees when each device has a CPU of its own, which
+is what the one-device-per-student projection needs (and it is, if anything, pessimistic: the
+K partials leave one after the other instead of in parallel).
+
 A relay runs as ``python -m mqttinfer.bench.floor device|aggregator ...``. Payloads start with
 the frame id (16 bytes, space padded) and are padded to the measured envelope sizes.
 """
@@ -48,6 +56,10 @@ _READY_TIMEOUT_S = 60.0
 _MAX_OPEN = 10_000
 
 
+# "per-device": one relay process per device (the floor); "one": one relay for every partition.
+RELAY_LAYOUTS = ("per-device", "one")
+
+
 # The floor speaks what the cluster speaks: the bus's table of versions (a constant, not code).
 PROTOCOLS = MQTT_PROTOCOLS
 
@@ -80,21 +92,25 @@ def run_device_relay(
     host: str,
     port: int,
     prefix: str,
-    partition: int,
+    answers: Sequence[tuple[int, int]],
     device: str,
-    size: int,
     mqtt_version: str = "auto",
 ) -> None:
-    """Answer every frame with one partial-sized message, from the network thread."""
-    client = _client(f"floor-{device}", mqtt_version)
-    topic = f"{prefix}/partials/{partition}/{device}"
-    padding = bytes(max(0, size - ID_BYTES))
+    """Answer every frame with one partial-sized message per ``(partition, size)`` in
+    ``answers``, from the network thread."""
+    client = _client(f"{prefix}-{device}", mqtt_version)
+    replies = [
+        (f"{prefix}/partials/{partition}/{device}", bytes(max(0, size - ID_BYTES)))
+        for partition, size in answers
+    ]
 
     def on_connect(c: mqtt.Client, *_: Any) -> None:
         c.subscribe(f"{prefix}/frames/+", qos=FRAME_QOS)
 
     def on_message(c: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        c.publish(topic, bytes(msg.payload[:ID_BYTES]) + padding, qos=PARTIAL_QOS)
+        frame_id = bytes(msg.payload[:ID_BYTES])
+        for topic, padding in replies:
+            c.publish(topic, frame_id + padding, qos=PARTIAL_QOS)
 
     client.on_connect = on_connect
     client.on_message = on_message
@@ -105,7 +121,7 @@ def run_aggregator_relay(
     host: str, port: int, prefix: str, partitions: int, size: int, *, mqtt_version: str = "auto"
 ) -> None:
     """Publish a result-sized message once a frame and one partial per partition arrived."""
-    client = _client("floor-aggregator", mqtt_version)
+    client = _client(f"{prefix}-aggregator", mqtt_version)
     padding = bytes(max(0, size - ID_BYTES))
     # frame id -> (source or None until the frame arrived, partitions seen); late replicas'
     # partials reopen an entry that never completes, hence the bound below.
@@ -152,20 +168,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--partition", type=int, default=0)
+    parser.add_argument(
+        "--answer",
+        type=_answer,
+        action="append",
+        default=[],
+        metavar="PARTITION:BYTES",
+        help="device: one partial per frame on this partition, of this many payload bytes "
+        "(repeat for a relay that answers for several partitions)",
+    )
     parser.add_argument("--device", default="d0")
     parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--size", type=int, required=True, help="reply payload bytes")
+    parser.add_argument("--size", type=int, default=0, help="aggregator: result payload bytes")
     parser.add_argument("--mqtt-version", choices=sorted(PROTOCOLS), default="auto")
     args = parser.parse_args(argv)
     if args.role == "device":
+        if not args.answer:
+            parser.error("a device relay needs at least one --answer PARTITION:BYTES")
         run_device_relay(
             host=args.host,
             port=args.port,
             prefix=args.prefix,
-            partition=args.partition,
+            answers=args.answer,
             device=args.device,
-            size=args.size,
             mqtt_version=args.mqtt_version,
         )
     else:
@@ -178,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             mqtt_version=args.mqtt_version,
         )
     return 0
+
+
+def _answer(text: str) -> tuple[int, int]:
+    partition, sep, size = text.partition(":")
+    if not sep or not partition.isdigit() or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PARTITION:BYTES, got {text!r}")
+    return int(partition), int(size)
 
 
 # --------------------------------------------------------------------------- the chain (parent)
@@ -205,16 +237,20 @@ class FloorChain:
         *,
         prefix: str = "floor",
         mqtt_version: str = "auto",
+        relays: str = "per-device",
     ) -> None:
         if mqtt_version not in PROTOCOLS:
             raise ValueError(f"mqtt_version must be one of {sorted(PROTOCOLS)}")
+        if relays not in RELAY_LAYOUTS:
+            raise ValueError(f"relays must be one of {RELAY_LAYOUTS}")
+        self.relays = relays
         self.host = host
         self.port = port
         self.shape = shape
         self.prefix = prefix
         self.mqtt_version = mqtt_version
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._client = _client(f"floor-caller-{os.getpid()}", mqtt_version)
+        self._client = _client(f"{prefix}-caller-{os.getpid()}", mqtt_version)
         self._answers: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -226,9 +262,11 @@ class FloorChain:
         base = [sys.executable, "-m", "mqttinfer.bench.floor"]
         common = ["--host", self.host, "--port", str(self.port), "--prefix", self.prefix]
         common += ["--mqtt-version", self.mqtt_version]
-        for device, (partition, size) in self.shape.partial_bytes.items():
-            argv = [*base, "device", *common, "--partition", str(partition)]
-            self._spawn([*argv, "--device", device, "--size", str(size)])
+        for device, answers in self._relay_answers().items():
+            argv = [*base, "device", *common, "--device", device]
+            for partition, size in answers:
+                argv += ["--answer", f"{partition}:{size}"]
+            self._spawn(argv)
         aggregator = [*base, "aggregator", *common, "--partitions", str(self.shape.partitions)]
         self._spawn([*aggregator, "--size", str(self.shape.result_bytes)])
         self._client.on_connect = self._on_connect
@@ -240,6 +278,14 @@ class FloorChain:
             raise BrokerError(f"floor caller cannot connect to {self.host}:{self.port}")
         self._wait_ready(timeout_s)
         return self
+
+    def _relay_answers(self) -> dict[str, list[tuple[int, int]]]:
+        """Device relay -> the (partition, partial bytes) it answers every frame with."""
+        if self.relays == "one":
+            # One answer per partition (replicas of a partition would be the same hop again).
+            by_partition = dict(self.shape.partial_bytes.values())
+            return {"all": sorted(by_partition.items())}
+        return {device: [answer] for device, answer in self.shape.partial_bytes.items()}
 
     def _spawn(self, argv: list[str]) -> None:
         self._procs.append(
