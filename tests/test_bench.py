@@ -23,7 +23,7 @@ from mqttinfer.bench.failures import (
     run_failures,
     student_features,
 )
-from mqttinfer.bench.floor import FloorChain, FloorShape
+from mqttinfer.bench.floor import ID_BYTES, FloorChain, FloorShape, frame_id_bytes
 from mqttinfer.bench.floor import main as floor_main
 from mqttinfer.bench.heterogeneity import HeterogeneitySettings, run_heterogeneity
 from mqttinfer.bench.latency import LatencySettings, run_latency
@@ -219,8 +219,11 @@ def test_latency_bench_on_a_real_cluster(synthetic_bundle: SyntheticBundle, tmp_
     settings = LatencySettings(
         frames=12, rounds=2, warmup=2, throughput_s=0.5, sniff_frames=3, compute_runs=5
     )
-    report = run_latency(synthetic_bundle.path, settings, ResultsDir(tmp_path, "latency"))
+    report = run_latency(
+        synthetic_bundle.path, settings, ResultsDir(tmp_path, "latency"), plots=True
+    )
     written = _read_json(tmp_path / "latency.json")
+    assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert written["bundle"]["partitions"] == [6, 5]
     latency = written["latency_ms"]
     assert latency["floor"]["n"] == 12 and latency["e2e"]["n"] == 12
@@ -285,23 +288,28 @@ def test_floor_layouts_send_one_partial_per_device_or_per_partition(
     broker: LocalBroker, relays: str, expected: int
 ) -> None:
     prefix = f"floortest{expected}"
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[bytes, str, int]] = []
     sniffer = Bus(
         BrokerConfig.from_url(broker.url), node=f"sniff-{prefix}", kind="monitor", topics=Topics()
     )
-    sniffer.subscribe(f"{prefix}/partials/+/+", lambda m: seen.append((m.topic, len(m.payload))))
+    sniffer.subscribe(
+        f"{prefix}/partials/+/+",
+        lambda m: seen.append((m.payload[:ID_BYTES], m.topic, len(m.payload))),
+    )
     with sniffer:
         assert sniffer.wait_connected(10)
         chain = FloorChain("127.0.0.1", broker.port, REPLICA_SHAPE, prefix=prefix, relays=relays)
         with chain:
-            seen.clear()  # the probe frame's partials
+            first = chain._counter + 1  # after the probe frames of start()
             for _ in range(3):
                 assert chain.round_trip(timeout_s=5.0) > 0
-            time.sleep(0.3)  # partials of the last frame that the result overtook
+            time.sleep(0.3)  # a replica's partial may come after the result
+    ours = {frame_id_bytes(f"f{n}") for n in range(first, first + 3)}
+    seen = [entry for entry in seen if entry[0] in ours]
     assert len(seen) == 3 * expected
-    partitions = sorted({topic.split("/")[2] for topic, _ in seen})
+    partitions = sorted({topic.split("/")[2] for _, topic, _ in seen})
     assert partitions == ["0", "1"]
-    sizes = {topic.split("/")[2]: size for topic, size in seen}
+    sizes = {topic.split("/")[2]: size for _, topic, size in seen}
     assert sizes == {"0": 40, "1": 30}
 
 

@@ -470,14 +470,15 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     compute, fc = parts["compute_ms"]["p50"], parts["fc_ms"]["p50"]
     other = max(0.0, lat["e2e"]["p50"] - compute - fc)
     figure, (times, sizes) = plt.subplots(1, 2, figsize=(11, 3.6), width_ratios=(3, 2))
-    rows = ["floor (bare paho)", "mqttinfer e2e"]
+    rows = ["floor (bare paho)", "floor, one relay", "mqttinfer e2e"]
     times.barh(0, lat["floor"]["p50"], color="tab:grey")
-    times.barh(1, compute, color="tab:blue", label="slowest student compute")
-    times.barh(1, fc, left=compute, color="tab:cyan", label="FC head")
-    times.barh(1, other, left=compute + fc, color="tab:orange", label="everything else")
+    times.barh(1, lat["floor_one_relay"]["p50"], color="tab:grey", alpha=0.6)
+    times.barh(2, compute, color="tab:blue", label="slowest student compute")
+    times.barh(2, fc, left=compute, color="tab:cyan", label="FC head")
+    times.barh(2, other, left=compute + fc, color="tab:orange", label="everything else")
     if lat["teacher"] is not None:
         rows.append("teacher, one process")
-        times.barh(2, lat["teacher"]["p50"], color="tab:red")
+        times.barh(3, lat["teacher"]["p50"], color="tab:red")
     times.set_yticks(range(len(rows)), rows)
     times.invert_yaxis()
     times.set_xlabel("p50 latency, ms")
