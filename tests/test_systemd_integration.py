@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -216,6 +218,54 @@ def test_sigterm_while_waiting_for_the_broker_stops_the_device_at_once(
         proc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1", 3)  # not after the rest of its 10 s connect wait
         assert proc.wait(timeout=5) == 0
+
+
+SIGNAL_STRESS_CHILD = """
+import sys, threading, time
+import mqttinfer.runtime.cli as cli
+
+def busy():  # other threads contend for the GIL, as a node's network and worker threads do
+    while True:
+        time.sleep(0.0001)
+
+for _ in range(2):
+    threading.Thread(target=busy, daemon=True).start()
+cli._SERVICE_POLL_S = 0.0003  # wake often: the signal lands inside the wait's own lock dance
+while True:
+    service = cli.NodeService()
+    print("waiting", flush=True)
+    print(service.wait(), flush=True)
+"""
+
+
+def test_sigterm_never_wedges_the_node_service() -> None:
+    """SIGTERM at any moment of NodeService.wait stops it. The handler once set a
+    threading.Event; landing while the main thread held that Event's lock (inside its own
+    wait) it deadlocked, about one signal in a few hundred with this polling: such a node
+    ignored SIGTERM until systemd killed it."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_STRESS_CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout or ()])
+    reader.start()
+    try:
+        for round_ in range(600):
+            assert lines.get(timeout=30) == "waiting\n"  # 30 s: the first round imports
+            time.sleep(0.0005 + (round_ % 11) * 0.0003)
+            child.send_signal(signal.SIGTERM)
+            try:
+                answer = lines.get(timeout=5)
+            except queue.Empty:
+                pytest.fail(f"SIGTERM number {round_ + 1} did not stop NodeService.wait")
+            assert answer == "SIGTERM\n"
+    finally:
+        child.kill()
+        child.wait()
+        reader.join(timeout=5)
 
 
 def test_a_wedged_device_worker_stops_the_watchdog_pings(

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -107,7 +107,12 @@ class NodeService:
     """
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
+        # Set only by the signal handler, which runs between two bytecodes of the main thread,
+        # possibly while that thread holds a lock: it must take none (an Event.set() there
+        # deadlocks when the signal lands inside Event.wait). SimpleQueue.put is reentrant
+        # (documented, implemented in C), so the handler may wake ``wait`` through it.
+        self._stop_requested = False
+        self._wakeups: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._why = ""
         self._parent = os.getppid()
         self._watch_parent = os.environ.get(EXIT_WITH_PARENT_ENV) == "1"
@@ -118,18 +123,19 @@ class NodeService:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._why = signal.Signals(signum).name
-        self._stop.set()
+        self._stop_requested = True
+        self._wakeups.put(self._why)
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        return self._stop_requested
 
     def wait_for(self, wait: Callable[[float], bool], timeout_s: float) -> bool:
         """Call ``wait(step_s)`` in short steps until it returns True (then True), or until
         ``timeout_s`` passed or a stop was asked for (then False): a SIGTERM that arrives
         while the node waits for its broker is acted on at once."""
         deadline = time.monotonic() + timeout_s
-        while not self._stop.is_set():
+        while not self._stop_requested:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -151,7 +157,7 @@ class NodeService:
 
         ``status`` (optional) is polled, and systemd's STATUS line updated when it changes.
         """
-        while not self._stop.wait(_SERVICE_POLL_S):
+        while not self._stop_requested and not self._woken(_SERVICE_POLL_S):
             if self._watch_parent and os.getppid() != self._parent:
                 self._why = f"parent process {self._parent} is gone"
                 log.warning("%s: stopping", self._why)
@@ -160,6 +166,14 @@ class NodeService:
                 self._set_status(status())
         log.info("%s: stopping", self._why)
         return self._why
+
+    def _woken(self, timeout_s: float) -> bool:
+        """True when the signal handler woke this wait within ``timeout_s``."""
+        try:
+            self._wakeups.get(timeout=timeout_s)
+        except queue.Empty:
+            return False
+        return True
 
     def stopping(self) -> None:
         """STOPPING=1 and no more watchdog pings: the node is shutting down on purpose."""
