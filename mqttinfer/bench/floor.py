@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -153,13 +154,20 @@ def run_aggregator_relay(
 
 
 def _serve(client: mqtt.Client, host: str, port: int) -> None:
-    def stop(_signum: int, _frame: Any) -> None:
-        client.disconnect()
+    # The handler only puts on a SimpleQueue (reentrant): a handler that took paho's locks
+    # could land while the main thread holds them and deadlock.
+    stops: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def stop(signum: int, _frame: Any) -> None:
+        stops.put(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     client.connect(host, port, keepalive=30)
-    client.loop_forever()
+    client.loop_start()
+    stops.get()
+    client.disconnect()
+    client.loop_stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,6 +294,11 @@ class FloorChain:
             by_partition = dict(self.shape.partial_bytes.values())
             return {"all": sorted(by_partition.items())}
         return {device: [answer] for device, answer in self.shape.partial_bytes.items()}
+
+    @property
+    def pids(self) -> list[int]:
+        """The relay processes' ids (device relays first, the aggregator relay last)."""
+        return [proc.pid for proc in self._procs]
 
     def _spawn(self, argv: list[str]) -> None:
         self._procs.append(
