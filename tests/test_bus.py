@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from mqttinfer.errors import BrokerError, ConfigError
@@ -235,6 +236,41 @@ def test_a_raising_handler_is_counted_and_the_bus_goes_on(
         assert good.wait(lambda: len(good.messages) == 1)
         assert bus.counters["handler_errors"] == 1
         assert bus.connected
+
+
+def test_routing_follows_subscription_changes(broker: LocalBroker, deployment: str) -> None:
+    topics = Topics(deployment)
+    bus = make_bus(broker.url, deployment, "router")
+    frames, results, exact = Inbox(), Inbox(), Inbox()
+    bus.subscribe(topics.all_frames, frames)
+    bus.subscribe(topics.all_results, results)
+    with bus:
+        assert bus.wait_connected(10)
+        bus.publish(topics.frames("a"), b"1")
+        bus.publish(topics.result("a"), b"2")
+        assert results.wait(lambda: len(results.messages) == 1)
+        assert frames.wait(lambda: len(frames.messages) == 1)
+        assert [m.payload for m in frames.messages] == [b"1"]
+        assert bus.counters["received"] == 2
+        # frames/a is routed to frames/+ by now: after swapping that filter for frames/a, the
+        # next frame must reach the new handler only.
+        bus.unsubscribe(topics.all_frames)
+        bus.subscribe(topics.frames("a"), exact)
+        time.sleep(0.3)  # the UNSUBACK and SUBACK
+        bus.publish(topics.frames("a"), b"3")
+        assert exact.wait(lambda: len(exact.messages) == 1)
+        time.sleep(0.1)
+        assert [m.payload for m in frames.messages] == [b"1"]
+        assert [m.payload for m in exact.messages] == [b"3"]
+
+
+def test_a_topic_that_is_not_utf8_is_dropped_and_counted(deployment: str) -> None:
+    bus = make_bus("mqtt://127.0.0.1:1", deployment, "strict")
+    inbox = Inbox()
+    bus.subscribe("#", inbox)
+    message = mqtt.MQTTMessage(topic=b"mqttinfer/\xff")
+    bus._dispatch(bus._client, None, message)  # what paho's network thread would call
+    assert inbox.messages == [] and bus.counters["handler_errors"] == 1
 
 
 class OldBrokerProxy:

@@ -63,6 +63,9 @@ DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET = 16 * 1024 * 1024
 # paho holds at most this many QoS>0 messages while disconnected; beyond it publish fails.
 _MAX_QUEUED_MESSAGES = 1000
+# Topics whose matching subscriptions are remembered; a deployment has a few dozen topics, so
+# the bound only matters against a flood of distinct topics (the memo is then started afresh).
+_MAX_ROUTES = 4096
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code 0x84 (v5); paho maps a v3 rc=1 to it too
 _STATUS_QOS = 1
 _LOG_PAYLOAD_CHARS = 80
@@ -269,7 +272,6 @@ class Message:
 
 
 Handler = Callable[[Message], None]
-_PahoCallback = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
 
 @dataclass
@@ -331,6 +333,9 @@ class Bus:
         )
         self._lock = threading.RLock()
         self._subs: dict[str, _Subscription] = {}
+        # topic -> the subscribed filters it matches. Replaced (never edited) when subscriptions
+        # change, so the network thread reads it without a lock.
+        self._routes: dict[str, tuple[str, ...]] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
         # Set once the subscriptions sent on connect are acknowledged (SUBACK).
@@ -384,7 +389,7 @@ class Bus:
             is_new = sub is None
             if sub is None:
                 sub = self._subs[topic_filter] = _Subscription(qos=qos)
-                self._client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
+                self._routes = {}
             raised = qos > sub.qos
             sub.qos = max(sub.qos, qos)
             sub.handlers.append(handler)
@@ -396,7 +401,7 @@ class Bus:
         with self._lock:
             if self._subs.pop(topic_filter, None) is None:
                 return
-            self._client.message_callback_remove(topic_filter)
+            self._routes = {}
             if self.connected:
                 self._client.unsubscribe(topic_filter)
 
@@ -495,9 +500,9 @@ class Bus:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_socket_open = _disable_nagle
-        with self._lock:
-            for topic_filter in self._subs:
-                client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
+        # One callback for every message: paho's per-filter callbacks would walk its topic trie
+        # on every message (~5 µs); the bus remembers which filters each topic matches.
+        client.on_message = self._dispatch
         return client
 
     def _configure_tls(self, client: mqtt.Client) -> None:
@@ -566,23 +571,26 @@ class Bus:
         self.counters.inc("published")
         return info
 
-    def _dispatcher(
-        self, topic_filter: str
-    ) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
-        def dispatch(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-            message = Message(
-                topic=msg.topic,
-                payload=bytes(msg.payload),
-                retain=bool(msg.retain),
-                received=time.monotonic(),
-            )
-            self.counters.inc("received")
-            # No lock on this per-message path: dict.get and copying the list to a tuple are
-            # single operations under the GIL, and subscribe/unsubscribe only ever append to a
-            # subscription's list or add or remove a dict entry.
+    def _dispatch(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers refuse such topics; never let one stop the loop
+            self.counters.inc("handler_errors")
+            log.warning("dropped a message whose topic is not UTF-8: %r", msg._topic[:120])
+            return
+        message = Message(
+            topic=topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            received=time.monotonic(),
+        )
+        self.counters.inc("received")
+        # No lock on this per-message path: reading a dict entry and copying a list to a tuple
+        # are single operations under the GIL; subscribe/unsubscribe replace the routes dict and
+        # only ever append to a subscription's list or add or remove a dict entry.
+        for topic_filter in self._filters_for(message.topic):
             sub = self._subs.get(topic_filter)
-            handlers = tuple(sub.handlers) if sub is not None else ()
-            for handler in handlers:
+            for handler in tuple(sub.handlers) if sub is not None else ():
                 try:
                     handler(message)
                 except Exception:
@@ -594,7 +602,16 @@ class Bus:
                         message.payload[:_LOG_PAYLOAD_CHARS],
                     )
 
-        return dispatch
+    def _filters_for(self, topic: str) -> tuple[str, ...]:
+        """The subscribed filters ``topic`` matches, remembered per topic."""
+        routes = self._routes
+        filters = routes.get(topic)
+        if filters is None:
+            filters = tuple(f for f in list(self._subs) if mqtt.topic_matches_sub(f, topic))
+            if len(routes) >= _MAX_ROUTES:
+                routes.clear()
+            routes[topic] = filters
+        return filters
 
     # ------------------------------------------------------------------ paho callbacks
     def _on_pre_connect(self, client: mqtt.Client, _userdata: Any) -> None:
