@@ -75,7 +75,7 @@ def test_cluster_infers_survives_faults_and_tears_down(
         # A crashed replica: its will arrives, the other replica of partition 1 answers.
         cluster.kill("d1")
         cluster.wait_offline(["d1"], timeout_s=15)
-        assert not cluster.alive("d1")
+        assert not cluster.alive("d1") and cluster.pid("d1") is None
         result = camera.infer("one-replica", frames[1])
         assert (result.reason, result.contributors["1"]) == ("complete", "d2")
 
@@ -93,13 +93,17 @@ def test_cluster_infers_survives_faults_and_tears_down(
         result = camera.infer("after-broker", frames[2])
         assert result.reason == "complete"
         np.testing.assert_allclose(result.logits, expected[2], rtol=1e-2, atol=1e-2)
-        pids = [cluster._nodes[name].proc.pid for name in cluster.nodes]  # type: ignore[union-attr]
+        pids = [cluster.pid(name) for name in cluster.nodes]
+        assert all(isinstance(pid, int) for pid in pids)
+        assert cluster.broker is not None and isinstance(cluster.broker.pid, int)
     finally:
         camera.bus.stop()
     log_dir = cluster.log_dir
     cluster.close()
     assert not any(cluster.alive(name) for name in cluster.nodes)
+    assert cluster.broker is None or cluster.broker.pid is None
     for pid in pids:  # each node was its own process group; nothing is left behind
+        assert pid is not None
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
     assert not log_dir.exists()

@@ -224,6 +224,11 @@ class LocalCluster:
     def status(self, node: str) -> Status | None:
         return self.board.get(node)
 
+    def pid(self, node: str) -> int | None:
+        """The node's process id while it runs (for ``/proc`` readings), else None."""
+        proc = self._node(node).proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 60.0) -> LocalCluster:
         """Start the broker (unless a URL was given), the monitor, then every node; wait ready."""

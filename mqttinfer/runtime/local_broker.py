@@ -95,6 +95,11 @@ class LocalBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """Mosquitto's process id while it runs, else None."""
+        return self._proc.pid if self._proc is not None and self.running else None
+
     def config_text(self) -> str:
         return (
             f"listener {self.port} {self.host}\n"
