@@ -25,10 +25,14 @@ What :class:`Bus` adds to a bare paho client:
   leaves out from the variables of broker init's env files (``MQTTINFER_USERNAME``,
   ``_PASSWORD``, ``_CA_FILE``, ``_CERT_FILE``, ``_KEY_FILE``), so a password never has to be on
   a command line. The password is never logged nor shown in a ``repr``.
+- **One dispatcher.** Every message goes through one paho ``on_message``; the bus remembers,
+  per topic, which subscribed filters it matches (forgotten whenever subscriptions change),
+  so the common case is one dict lookup instead of paho walking its topic trie per message.
 - **Callbacks never raise into paho** (an exception there would kill the network thread):
   handler errors are logged and counted. Handlers run on the network thread, so they must
-  be quick and bounded: the device hands inference to its worker thread, the aggregator's
-  per-message work (tens of microseconds) runs in the handler.
+  be quick and bounded: a device computes there only while it is idle and its student fast
+  (else its worker thread takes the frame), the aggregator's per-message work (tens of
+  microseconds) runs in the handler.
 """
 
 from __future__ import annotations
