@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,12 +151,14 @@ import sys, time
 from mqttinfer.runtime.cluster import DeviceSpec, LocalCluster
 cluster = LocalCluster(sys.argv[1], [DeviceSpec("d0", 0)], aggregator=False, deployment="orph")
 cluster.start(timeout_s=60)
-print(cluster._nodes["d0"].proc.pid, cluster.broker._proc.pid, flush=True)
+print(cluster.pid("d0"), cluster.broker.pid, cluster.broker.log_path.parent, flush=True)
 time.sleep(120)
 """
 
 
-def test_devices_do_not_outlive_a_killed_launcher(synthetic_bundle: SyntheticBundle) -> None:
+def test_devices_and_broker_do_not_outlive_a_killed_launcher(
+    synthetic_bundle: SyntheticBundle,
+) -> None:
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, str(synthetic_bundle.path)],
         stdout=subprocess.PIPE,
@@ -165,18 +168,22 @@ def test_devices_do_not_outlive_a_killed_launcher(synthetic_bundle: SyntheticBun
     device_pid = broker_pid = 0
     try:
         assert launcher.stdout is not None
-        device_pid, broker_pid = map(int, launcher.stdout.readline().split())
-        launcher.kill()  # no atexit, no teardown: the device must notice by itself
+        device, broker, folder = launcher.stdout.readline().split()
+        device_pid, broker_pid = int(device), int(broker)
+        assert Path(folder).is_dir()
+        launcher.kill()  # no atexit, no teardown: the device and the broker's guard must notice
         launcher.wait(timeout=10)
 
-        def gone() -> bool:
+        def gone(pid: int) -> bool:
             try:
-                os.kill(device_pid, 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 return True
             return False
 
-        assert wait_until(gone, timeout_s=15)
+        assert wait_until(lambda: gone(device_pid), timeout_s=15)
+        assert wait_until(lambda: gone(broker_pid), timeout_s=15)
+        assert wait_until(lambda: not Path(folder).exists(), timeout_s=5)
     finally:
         launcher.kill()
         launcher.wait(timeout=10)

@@ -1,7 +1,10 @@
 """Start a private Mosquitto on a free loopback port (demo, benchmarks and tests).
 
 The broker runs as a child process with a generated config in a temporary directory; it can be
-killed and restarted on the same port to exercise reconnects.
+killed and restarted on the same port to exercise reconnects. A small guard process (plain
+Python, no imports beyond the standard library) stops the broker and removes its directory if
+the process that started it dies without stopping it (``kill -9``, a crash): Mosquitto knows
+nothing of its launcher, and would otherwise listen on its loopback port forever.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +56,28 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+# Run as `python -I -c _GUARD <launcher pid> <broker pid> <broker dir>`; checks once a second.
+_GUARD = """
+import os, shutil, signal, sys, time
+launcher, broker, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(1.0)
+    try:
+        os.kill(broker, 0)
+    except ProcessLookupError:
+        sys.exit(0)  # the broker is gone: nothing left to guard
+    if os.getppid() != launcher:  # the launcher died without stopping its broker
+        try:
+            os.kill(broker, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        time.sleep(1.0)
+        shutil.rmtree(folder, ignore_errors=True)
+        sys.exit(0)
+"""
+
+
 class LocalBroker:
     """A Mosquitto child process listening on ``127.0.0.1:<port>``.
 
@@ -78,6 +104,7 @@ class LocalBroker:
         self._binary = binary or find_mosquitto()
         self._dir = Path(tempfile.mkdtemp(prefix="mqttinfer-broker-"))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -141,6 +168,14 @@ class LocalBroker:
             err = self._stderr_tail()
             self.stop()
             raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port}: {err}")
+        watched = [str(os.getpid()), str(self._proc.pid), str(self._dir)]
+        self._guard = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD, *watched],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the launcher must not stop it first
+        )
         log.debug("mosquitto pid %s on %s", self._proc.pid, self.url)
         return self
 
@@ -156,13 +191,25 @@ class LocalBroker:
             return "(still starting)"
         return self.stderr_path.read_bytes().decode(errors="replace")[-500:]
 
+    def _stop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None and guard.poll() is None:
+            guard.terminate()
+            try:
+                guard.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                guard.kill()
+                guard.wait(timeout=5)
+
     def kill(self) -> None:
         """SIGKILL the broker (a crash: no clean disconnects, wills fire on restart only)."""
+        self._stop_guard()
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=5)
 
     def stop(self) -> None:
+        self._stop_guard()
         if self._proc is None:
             return
         if self._proc.poll() is None:
