@@ -351,8 +351,8 @@ def interrupt_while_streaming(proc: subprocess.Popen[str], sig: signal.Signals) 
     assert streaming.wait(120), "".join(lines)[-3000:]
     time.sleep(1.0)  # frames in flight
     children = _children(proc.pid)
-    # mosquitto, six devices and the aggregator, each started by the demo itself.
-    assert len(children) == 8, children
+    # mosquitto and its orphan guard, six devices and the aggregator, all started by the demo.
+    assert len(children) == 9, children
     proc.send_signal(sig)
     assert proc.wait(timeout=30) == 130, "".join(lines)[-3000:]
     reader.join(timeout=5)
