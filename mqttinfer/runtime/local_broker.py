@@ -150,6 +150,7 @@ class LocalBroker:
             )
         if self.running:
             return self
+        self._stop_guard()  # the guard of a broker that died on its own
         conf = self._config_file
         if conf is None:
             conf = self._dir / "mosquitto.conf"
