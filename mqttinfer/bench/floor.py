@@ -17,8 +17,9 @@ relay per device of the cluster, all sharing this machine's cores as the devices
 ``relays="one"`` runs a single device relay that answers every frame with one partial per
 partition: every hop, message and byte of one inference, without K relay processes competing
 for the cores. It is the transport a device sees when each device has a CPU of its own, which
-is what the one-device-per-student projection needs (and it is, if anything, pessimistic: the
-K partials leave one after the other instead of in parallel).
+is what the one-device-per-student projection needs. It errs both ways: its K partials leave
+one relay one after the other instead of K devices at once (slower), and the broker sends the
+frame to one relay instead of K devices (K - 1 fewer deliveries: faster).
 
 A relay runs as ``python -m mqttinfer.bench.floor device|aggregator ...``. Payloads start with
 the frame id (16 bytes, space padded) and are padded to the measured envelope sizes.
