@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mqttinfer.bench.floor import FloorChain  # noqa: E402
-from mqttinfer.bench.latency import bench_layout, sample_frames  # noqa: E402
+from mqttinfer.bench.latency import bench_layout, envelope_sizes, sample_frames  # noqa: E402
 from mqttinfer.bundle import Bundle, demo_bundle_path  # noqa: E402
 from mqttinfer.runtime.bus import BrokerConfig  # noqa: E402
 from mqttinfer.runtime.cluster import LocalCluster  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> int:
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle or demo_bundle_path())
     frames = sample_frames(bundle, 200)
-    devices, shape = bench_layout(bundle, frames[0])
+    devices, shape = bench_layout(bundle, envelope_sizes(bundle, frames[0]))
     print(f"bundle {bundle.name}: {len(devices)} devices; {args.frames} frames per pass")
     with LocalCluster(bundle.root, devices, stats_interval_s=30.0) as cluster:
         broker = BrokerConfig.from_url(cluster.url)

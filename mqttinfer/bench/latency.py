@@ -126,10 +126,13 @@ def teacher_path(bundle: Bundle) -> tuple[Path, str | None] | None:
     return (path, sha if isinstance(sha, str) else None) if path.is_file() else None
 
 
-def bench_layout(bundle: Bundle, frame: U8) -> tuple[list[DeviceSpec], FloorShape]:
+def bench_layout(
+    bundle: Bundle, envelopes: tuple[int, list[PartialBytes], int]
+) -> tuple[list[DeviceSpec], FloorShape]:
     """One device per student (``d<partition>``), and the floor chain that mirrors them: the
-    same devices, each answering with its partition's partial size."""
-    frame_bytes, partials, result_bytes = envelope_sizes(bundle, frame)
+    same devices, each answering with its partition's partial size (``envelopes`` as
+    :func:`envelope_sizes` measures them)."""
+    frame_bytes, partials, result_bytes = envelopes
     devices = [DeviceSpec(f"d{s.partition}", s.partition) for s in bundle.students]
     shape = FloorShape(
         frame_bytes=frame_bytes,
@@ -407,8 +410,8 @@ def run_latency(
     }
     teacher_file = teacher_path(bundle)
     teacher = student_runner(bundle, *teacher_file) if teacher_file is not None else None
-    frame_bytes, partials, result_bytes = envelope_sizes(bundle, frames[0])
-    devices, shape = bench_layout(bundle, frames[0])
+    frame_bytes, partials, result_bytes = envelopes = envelope_sizes(bundle, frames[0])
+    devices, shape = bench_layout(bundle, envelopes)
     log.info("starting the cluster: broker, %d devices, aggregator", len(devices))
     with LocalCluster(
         bundle.root, devices, stats_interval_s=30.0, mqtt_version=settings.mqtt_version

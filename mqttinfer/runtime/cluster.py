@@ -227,7 +227,7 @@ class LocalCluster:
     def pid(self, node: str) -> int | None:
         """The node's process id while it runs (for ``/proc`` readings), else None."""
         proc = self._node(node).proc
-        return proc.pid if proc is not None and proc.poll() is None else None
+        return proc.pid if proc is not None and self.alive(node) else None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 60.0) -> LocalCluster:
